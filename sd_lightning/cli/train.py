@@ -1,0 +1,107 @@
+"""sdl-train: compose the config, build data, model, callbacks, loggers and trainer, then fit."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
+
+log = logging.getLogger("sd_lightning")
+
+
+def _contain_wandb(run_dir: Path) -> None:
+    """Keep wandb's files inside the run folder instead of ~/.cache and the system temp folder."""
+    for variable, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_CONFIG_DIR", "wandb/config"),
+                          ("WANDB_DATA_DIR", "wandb/data")):
+        path = run_dir / sub
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault(variable, str(path))
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _instantiate_all(section: DictConfig | None) -> list[Any]:
+    return [instantiate(conf) for conf in (section or {}).values() if conf is not None and "_target_" in conf]
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def update_latest_link(link: Path, run_dir: Path) -> None:
+    """Point ``link`` at ``run_dir`` atomically (a relative link, so the outputs folder can move)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(run_dir.resolve(), link.parent.resolve())
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit the configured model; returns ``cfg.optimized_metric`` for sweepers."""
+    validate_train_config(cfg)
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if "wandb" in (cfg.get("logger") or {}):
+        _contain_wandb(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        if hasattr(logger, "log_hyperparams"):
+            logger.log_hyperparams(model.run_config)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    metric = trainer.callback_metrics.get(cfg.optimized_metric)
+    if trainer.is_global_zero and not trainer.interrupted:
+        if not _is_multirun():
+            update_latest_link(Path(cfg.paths.latest), run_dir)
+        _print_summary(trainer, run_dir, cfg)
+    return None if metric is None else float(metric)
+
+
+def _print_summary(trainer: L.Trainer, run_dir: Path, cfg: DictConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sd_lightning run '{cfg.name}' finished", show_header=False)
+    table.add_row("run folder", str(run_dir))
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None:
+        table.add_row("last checkpoint", str(checkpoint.last_model_path or "-"))
+        table.add_row("best checkpoint", str(checkpoint.best_model_path or "-"))
+    for path, label in ((run_dir / "samples", "sample grids"), (run_dir / "vae", "trained VAE"),
+                        (run_dir / "csv" / "metrics.csv", "metrics (CSV)"), (run_dir / "wandb", "W&B offline run")):
+        if path.exists():
+            table.add_row(label, str(path))
+    for key in sorted(k for k in trainer.callback_metrics if k.startswith("val/") and "_t" not in k):
+        table.add_row(key, f"{float(trainer.callback_metrics[key]):.6g}")
+    table.add_row("steps", str(trainer.global_step))
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run_entry("sdl-train", train, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""DiffusionDataModule: source → exclusions → deterministic split → preprocessing → batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from sd_lightning.data.sources import ImageSource, UnreadableImageError
+from sd_lightning.data.split import split_indices, stable_seed
+from sd_lightning.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionDataset(Dataset):
+    """Decoded, preprocessed examples ``{pixel_values, prompt, id}``; ``None`` for an unreadable image."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int], transform: ImageTransform, seed: int = 0,
+                 augment: bool = True) -> None:
+        self.source = source
+        self.indices = list(indices)
+        self.transform = transform
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any] | None:
+        index = self.indices[position]
+        item = self.source.items[index]
+        try:
+            image = self.source.load_image(index)
+        except UnreadableImageError as err:
+            log.warning("skipping unreadable image %s (%s)", item.id, err)
+            return None
+        rng = random.Random(stable_seed(self.seed, item.id, self.epoch)) if self.augment else None
+        return {"pixel_values": self.transform(image, rng), "prompt": item.caption or "", "id": item.id}
+
+
+def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack the readable examples; ``num_skipped`` counts the unreadable ones in this batch."""
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        return {"pixel_values": torch.empty(0), "prompt": [], "id": [], "num_skipped": len(examples)}
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in kept]),
+        "prompt": [e["prompt"] for e in kept],
+        "id": [e["id"] for e in kept],
+        "num_skipped": len(examples) - len(kept),
+    }
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Every validation sample on exactly one process, none repeated (DistributedSampler pads)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices_for_rank = list(range(rank, len(dataset), num_replicas))
+        self.num_samples = len(self.indices_for_rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices_for_rank)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def read_exclusions(path: str | Path | None) -> list[str]:
+    """Item ids listed one per line (``#`` comments allowed), as ``sdl-data clean`` writes them."""
+    if not path:
+        return []
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data.exclude={file} does not exist")
+    lines = (line.split("#", 1)[0].strip() for line in file.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    """Owns the source, exclusions, the train/validation split and preprocessing.
+
+    The split is by a stable hash of each item's id (see ``split.py``), computed in ``setup`` on every
+    process. Training batches come from a ``StatefulDataLoader`` whose position Lightning saves in the
+    checkpoint, so a resumed run continues mid-epoch with the same batches.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        resolution: int = 32,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        val_fraction: float = 0.1,
+        split_salt: str = "",
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        exclude: str | None = None,
+        drop_last: bool = True,
+        sample_prompts: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.source = source
+        self.transform = ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip)
+        self.eval_transform = ImageTransform(resolution=resolution, center_crop=True, random_flip=False)
+        self.val_fraction = val_fraction
+        self.split_salt = split_salt
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.exclude = exclude
+        self.drop_last = drop_last
+        self.sample_prompts = list(sample_prompts)
+        self.train_dataset: DiffusionDataset | None = None
+        self.val_dataset: DiffusionDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        excluded = set(read_exclusions(self.exclude))
+        ids = [item.id for item in self.source.items]
+        if excluded:
+            unknown = excluded.difference(ids)
+            if unknown:
+                log.warning("%d excluded ids are not in the source (first: %s)", len(unknown), sorted(unknown)[0])
+        train, val = split_indices(ids, self.val_fraction, self.split_salt)
+        train = [i for i in train if ids[i] not in excluded]
+        val = [i for i in val if ids[i] not in excluded]
+        if not train:
+            raise ValueError(f"the training split of {self.source.describe()} is empty")
+        if self.val_fraction > 0 and not val:
+            raise ValueError(f"data.val_fraction={self.val_fraction} left no validation items; raise it")
+        self.train_dataset = DiffusionDataset(self.source, train, self.transform, self.seed, augment=True)
+        self.val_dataset = DiffusionDataset(self.source, val, self.eval_transform, self.seed, augment=False)
+        log.info("data: %s → %d train / %d validation (%d excluded)", self.source.describe(), len(train), len(val),
+                 len(excluded))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary augmentation by epoch while keeping it reproducible (workers are re-created each epoch)."""
+        if self.train_dataset is not None:
+            self.train_dataset.epoch = epoch
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "collate_fn": collate_examples,
+                "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        effective = min(self.batch_size, len(self.train_dataset))
+        return StatefulDataLoader(
+            self.train_dataset,
+            batch_size=effective,
+            shuffle=True,
+            drop_last=self.drop_last,
+            generator=torch.Generator().manual_seed(stable_seed(self.seed, "shuffle")),
+            **self._loader_kwargs(),
+        )
+
+    def plain_train_dataloader(self) -> DataLoader:
+        """Training items in source order without augmentation (for statistics such as latent scaling)."""
+        dataset = DiffusionDataset(self.source, self.train_dataset.indices, self.eval_transform, self.seed, augment=False)
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = ShardedEvalSampler(
+                self.val_dataset, torch.distributed.get_world_size(), torch.distributed.get_rank()
+            )
+        return DataLoader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
+                          **self._loader_kwargs())

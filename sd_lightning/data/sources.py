@@ -1,0 +1,187 @@
+"""Image sources: where images and their captions come from.
+
+A source lists items cheaply (id + caption) and decodes an image only when asked, so a data module
+can split, filter and report on a data set without reading every pixel.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_CAPTION_TEMPLATE = "a handwritten digit {name}"
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file that cannot be decoded; the data pipeline skips it and names it."""
+
+
+class DataRootError(ValueError):
+    """A path that escapes the data root or a data folder that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One training example before decoding: a stable id and its caption (None = unlabeled)."""
+
+    id: str
+    caption: str | None
+
+
+class ImageSource:
+    """Base class: a sequence of items whose images are decoded lazily."""
+
+    items: list[SourceItem]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load_image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({len(self)} items)"
+
+
+def digit_caption(label: int) -> str:
+    """The public prompt of the default model: 'a handwritten digit zero' … 'a handwritten digit nine'."""
+    return DIGIT_CAPTION_TEMPLATE.format(name=DIGIT_NAMES[label])
+
+
+def upscale_digit(digit: np.ndarray, size: int) -> Image.Image:
+    """An 8x8 scikit-learn digit (values 0..16, ink high) as a smooth RGB image of ``size`` pixels."""
+    gray = Image.fromarray(np.clip(np.asarray(digit, dtype=np.float64) / 16.0 * 255.0, 0, 255).astype(np.uint8))
+    return gray.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+
+
+class DigitsSource(ImageSource):
+    """scikit-learn's bundled 8x8 digits (1,797 labeled images, no download), upscaled."""
+
+    def __init__(self, size: int = 32, limit: int | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self.size = size
+        self.images = digits.images
+        self.labels = digits.target.astype(int)
+        count = len(self.labels) if limit is None else min(limit, len(self.labels))
+        self.items = [SourceItem(id=f"digits/{i:04d}", caption=digit_caption(int(self.labels[i]))) for i in range(count)]
+
+    def load_image(self, index: int) -> Image.Image:
+        return upscale_digit(self.images[index], self.size)
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing absolute paths and ``..`` that would leave the data root."""
+    root = root.resolve()
+    candidate = (root / relative).resolve()
+    if Path(relative).is_absolute() or not candidate.is_relative_to(root):
+        raise DataRootError(f"path {relative!r} escapes the data root {root}; refusing to open it")
+    return candidate
+
+
+def _read_metadata(root: Path) -> dict[str, str | None] | None:
+    """Captions from ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face imagefolder convention)."""
+    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    rows: list[dict] = []
+    if jsonl.exists():
+        for line_no, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataRootError(f"{jsonl}:{line_no}: not valid JSON ({err.msg})") from err
+        source = jsonl
+    elif csv_path.exists():
+        with csv_path.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        source = csv_path
+    else:
+        return None
+    captions: dict[str, str | None] = {}
+    for number, row in enumerate(rows, start=1):
+        if "file_name" not in row:
+            raise DataRootError(f"{source}: row {number} has no 'file_name' field (columns: {sorted(row)})")
+        text = row.get("text")
+        captions[str(row["file_name"])] = None if text is None or str(text).strip() == "" else str(text)
+    return captions
+
+
+class ImageFolderSource(ImageSource):
+    """A user's folder of images.
+
+    Captions come, in this order, from ``metadata.jsonl``/``metadata.csv`` (``file_name`` + ``text``),
+    a sidecar ``<image>.txt``, or the class sub-folder name through ``caption_template``.
+    Files are never modified; paths named by metadata must stay inside ``root``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        caption_template: str | None = "{class_name}",
+        extensions: Sequence[str] = tuple(sorted(IMAGE_EXTENSIONS)),
+        exclude: Sequence[str] = (),
+    ) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise DataRootError(f"data.root={root!s} is not a folder (resolved to {self.root})")
+        self.caption_template = caption_template
+        extensions = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+        excluded = set(exclude)
+        metadata = _read_metadata(self.root)
+        if metadata is not None:
+            relative_paths = [name for name in metadata if name not in excluded]
+            for name in relative_paths:
+                resolve_inside(self.root, name)
+        else:
+            relative_paths = sorted(
+                p.relative_to(self.root).as_posix()
+                for p in self.root.rglob("*")
+                if p.is_file() and p.suffix.lower() in extensions and not p.is_symlink()
+            )
+            relative_paths = [p for p in relative_paths if p not in excluded]
+        if not relative_paths:
+            raise DataRootError(f"no images found under data.root={self.root} (extensions: {sorted(extensions)})")
+        self.items = [SourceItem(id=rel, caption=self._caption(rel, metadata)) for rel in relative_paths]
+
+    def _caption(self, relative: str, metadata: dict[str, str | None] | None) -> str | None:
+        if metadata is not None and metadata.get(relative) is not None:
+            return metadata[relative]
+        sidecar = resolve_inside(self.root, relative).with_suffix(".txt")
+        if sidecar.is_file():
+            try:
+                text = sidecar.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                log.warning("caption file %s is not UTF-8; treating the image as unlabeled", sidecar)
+                text = ""
+            if text:
+                return text
+        parent = Path(relative).parent
+        if self.caption_template and parent != Path("."):
+            class_name = parent.name.replace("_", " ")
+            return self.caption_template.format(class_name=class_name)
+        return None
+
+    def path(self, index: int) -> Path:
+        return resolve_inside(self.root, self.items[index].id)
+
+    def load_image(self, index: int) -> Image.Image:
+        path = self.path(index)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as err:
+            raise UnreadableImageError(f"{path}: {type(err).__name__}: {err}") from err

@@ -1,0 +1,57 @@
+"""Generation through a plain diffusers pipeline, reproducible per image."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+
+def generate(
+    pipeline: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seed: int = 0,
+    steps: int = 30,
+    guidance_scale: float = 1.5,
+    batch_size: int = 64,
+    height: int | None = None,
+    width: int | None = None,
+    output_type: str = "pil",
+) -> list[Image.Image] | torch.Tensor:
+    """Image i starts from noise seeded by ``seed + i``, so results do not depend on batch size.
+
+    An empty prompt generates unconditionally (from pure noise with the null condition).
+    """
+    outputs: list = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        result = pipeline(
+            prompt=chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=height,
+            width=width,
+            output_type=output_type,
+        )
+        outputs.append(result.images)
+    if output_type == "pil":
+        return [image for chunk in outputs for image in chunk]
+    return torch.cat([torch.as_tensor(o) for o in outputs])
+
+
+def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile images row by row into one picture."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
+    return grid

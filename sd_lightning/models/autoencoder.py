@@ -1,0 +1,113 @@
+"""AutoencoderModule: stage 1 of latent diffusion, an AutoencoderKL trained on reconstruction + KL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torchmetrics import MeanSquaredError
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from sd_lightning.data.split import stable_seed
+from sd_lightning.optim import configure_optimization
+
+
+class AutoencoderModule(L.LightningModule):
+    """Trains a VAE for a new image domain (L1 + MSE reconstruction and a small KL term)."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        l1_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        kl_weight: float = 1e-6,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.vae = vae
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.l1_weight, self.mse_weight, self.kl_weight = l1_weight, mse_weight, kl_weight
+        self.seed = seed
+        self.val_mse = MeanSquaredError().set_dtype(torch.float64)
+        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0).set_dtype(torch.float64)
+        self.save_hyperparameters({"l1_weight": l1_weight, "mse_weight": mse_weight, "kl_weight": kl_weight, "seed": seed})
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.vae.parameters())
+
+    def forward(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, Any]:
+        posterior = self.vae.encode(pixel_values).latent_dist
+        if generator is None:
+            latents = posterior.mode()
+        else:
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+        return self.vae.decode(latents).sample, posterior
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        pixel_values = batch["pixel_values"]
+        if pixel_values.shape[0] == 0:
+            return None
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "vae", self.global_step, self.global_rank))
+        reconstruction, posterior = self(pixel_values, generator)
+        l1 = F.l1_loss(reconstruction, pixel_values)
+        mse = F.mse_loss(reconstruction, pixel_values)
+        kl = posterior.kl().mean() / pixel_values[0].numel()
+        loss = self.l1_weight * l1 + self.mse_weight * mse + self.kl_weight * kl
+        size = pixel_values.shape[0]
+        self.log_dict({"train/loss": loss, "train/l1": l1, "train/mse": mse, "train/kl": kl}, batch_size=size)
+        self.log("train/loss_step", loss, prog_bar=True, logger=False, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pixel_values = batch["pixel_values"]
+        if pixel_values.shape[0] == 0:
+            return
+        reconstruction, _ = self(pixel_values)
+        self.val_mse.update(reconstruction.double().flatten(), pixel_values.double().flatten())
+        self.val_psnr.update(reconstruction.double().clamp(-1, 1), pixel_values.double())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({"val/mse": self.val_mse.compute().float(), "val/psnr": self.val_psnr.compute().float()})
+        self.val_mse.reset()
+        self.val_psnr.reset()
+
+    @torch.no_grad()
+    def compute_scaling_factor(self, batches: Iterable[dict[str, Any]], max_batches: int | None = None) -> float:
+        """1 / std of the training latents, the number SD 1.x hard-codes as 0.18215 for its own VAE."""
+        was_training = self.training
+        self.eval()
+        total, total_sq, count = 0.0, 0.0, 0
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "scaling"))
+        for index, batch in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            posterior = self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist
+            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)).double()
+            total += latents.sum().item()
+            total_sq += latents.pow(2).sum().item()
+            count += latents.numel()
+        self.train(was_training)
+        if count == 0:
+            raise RuntimeError("cannot compute the VAE scaling factor: the training split is empty")
+        variance = total_sq / count - (total / count) ** 2
+        return float(1.0 / max(variance, 1e-12) ** 0.5)
+
+    def configure_optimizers(self) -> Any:
+        return configure_optimization(
+            self.optimizer_factory,
+            self.lr_scheduler_factory,
+            self.trainable_parameters(),
+            int(self.trainer.estimated_stepping_batches),
+        )

@@ -1,0 +1,125 @@
+"""sdl-sample and sdl-export: deterministic images, and exports that plain diffusers loads and matches."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from sd_lightning.cli.config import CONFIG_DIR, ConfigError
+from sd_lightning.cli.export import export
+from sd_lightning.cli.sample import sample
+from sd_lightning.diffusion.sampling import generate
+
+
+def _cfg(name: str, **values):
+    overrides = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items()]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def _arrays(paths):
+    return [np.asarray(Image.open(p)) for p in paths]
+
+
+def test_sample_is_deterministic_for_a_seed(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    common = {"ckpt_path": str(ckpt), "prompt": "a handwritten digit three", "num_images": 3, "steps": 5}
+    first = sample(_cfg("sample", out_dir=str(tmp_path / "a"), seed=7, **common))
+    again = sample(_cfg("sample", out_dir=str(tmp_path / "b"), seed=7, **common))
+    rebatched = sample(_cfg("sample", out_dir=str(tmp_path / "d"), seed=7, batch_size=2, **common))
+    other = sample(_cfg("sample", out_dir=str(tmp_path / "c"), seed=8, **common))
+    assert len(first) == 3 and (tmp_path / "a" / "grid.png").is_file()
+    assert Image.open(tmp_path / "a" / "grid.png").size == (96, 32)
+    for a, b, c in zip(_arrays(first), _arrays(again), _arrays(rebatched)):
+        assert np.array_equal(a, b)
+        # Another batch size changes float summation order only: the same image to a rounding step.
+        assert np.abs(a.astype(int) - c.astype(int)).max() <= 2
+    assert not np.array_equal(_arrays(first)[0], _arrays(other)[0])
+    image = _arrays(first)[0]
+    assert image.shape == (32, 32, 3) and image.std() > 0
+
+
+def test_unconditional_generation_from_noise(trained_run, tmp_path):
+    paths = sample(_cfg("sample", ckpt_path=str(trained_run / "checkpoints" / "last.ckpt"), out_dir=str(tmp_path),
+                        prompt="", num_images=2, steps=4, scheduler="ddpm"))
+    assert [a.shape for a in _arrays(paths)] == [(32, 32, 3)] * 2
+
+
+def test_export_loads_in_plain_diffusers_and_matches_sdl_sample(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    out = export(_cfg("export", ckpt_path=str(ckpt), out_dir=str(tmp_path / "pipe")))
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert "model_index.json" in files and not any(f.endswith((".bin", ".pt", ".ckpt")) for f in files)
+    assert sum(f.endswith(".safetensors") for f in files) == 3
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    # The plain pipeline with its own defaults produces the model's image size.
+    default = pipe("a handwritten digit four", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert default.images[0].size == (32, 32)
+    # Same seed, scheduler and steps as sdl-sample → the same pixels.
+    paths = sample(_cfg("sample", ckpt_path=str(ckpt), out_dir=str(tmp_path / "s"), prompt="a handwritten digit four",
+                        num_images=2, seed=3, steps=6, guidance_scale=2.0))
+    plain = pipe(["a handwritten digit four"] * 2, num_inference_steps=6, guidance_scale=2.0, output_type="np",
+                 generator=[torch.Generator().manual_seed(3 + i) for i in range(2)]).images
+    ours = np.stack(_arrays(paths)).astype(np.float64) / 255.0
+    assert np.abs(plain - ours).max() < 2.5 / 255
+    # The export folder itself is also a valid sdl-sample source.
+    again = sample(_cfg("sample", ckpt_path=str(out), out_dir=str(tmp_path / "e"), prompt="a handwritten digit four",
+                        num_images=2, seed=3, steps=6, guidance_scale=2.0))
+    assert all(np.array_equal(a, b) for a, b in zip(_arrays(paths), _arrays(again)))
+
+
+def test_export_uses_ema_weights_by_default(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    ema = StableDiffusionPipeline.from_pretrained(export(_cfg("export", ckpt_path=str(ckpt), out_dir=str(tmp_path / "a"))),
+                                                  local_files_only=True)
+    raw = StableDiffusionPipeline.from_pretrained(
+        export(_cfg("export", ckpt_path=str(ckpt), out_dir=str(tmp_path / "b"), use_ema=False)), local_files_only=True
+    )
+    checkpoint = torch.load(ckpt, weights_only=True)
+    name, shadow = checkpoint["callbacks"]["ema"]["param_names"][0], checkpoint["callbacks"]["ema"]["shadow_params"][0]
+    key = name.removeprefix("unet.")
+    assert torch.equal(dict(ema.unet.named_parameters())[key].detach(), shadow)
+    assert torch.equal(dict(raw.unet.named_parameters())[key].detach(), checkpoint["state_dict"][name])
+    assert not torch.equal(shadow, checkpoint["state_dict"][name])
+
+
+def test_export_refuses_to_overwrite_and_sample_rejects_bad_values(trained_run, tmp_path):
+    ckpt = str(trained_run / "checkpoints" / "last.ckpt")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("user file")
+    with pytest.raises(ConfigError, match="overwrite=true"):
+        export(_cfg("export", ckpt_path=ckpt, out_dir=str(tmp_path / "taken")))
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "user file"
+    with pytest.raises(ConfigError, match="scheduler='heun'"):
+        sample(_cfg("sample", ckpt_path=ckpt, out_dir=str(tmp_path / "x"), scheduler="heun"))
+
+
+def test_sample_cli_end_to_end(trained_run, tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "sd_lightning.cli.sample", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+         f"out_dir={out}", "prompt=a handwritten digit one", "num_images=2", "steps=3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
+
+
+def test_generate_does_not_depend_on_batch_size(trained_run):
+    from sd_lightning.models.checkpoint_io import load_pipeline
+
+    pipeline, _ = load_pipeline(Path(trained_run / "checkpoints" / "last.ckpt"))
+    prompts = ["a handwritten digit two"] * 3
+    one = generate(pipeline, prompts, seed=1, steps=3, batch_size=1, output_type="np")
+    all_ = generate(pipeline, prompts, seed=1, steps=3, batch_size=3, output_type="np")
+    assert np.abs(np.asarray(one) - np.asarray(all_)).max() < 1e-5

@@ -1,0 +1,72 @@
+"""Shared fixtures: composed configs, a tiny trained VAE and a tiny trained diffusion run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from sd_lightning.cli.config import CONFIG_DIR
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+# Small, fast settings shared by tests that train: CSV logging only, a short schedule, tiny grids.
+FAST = [
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.log_every_n_steps=1",
+    "sampling.steps=4",
+    "callbacks.sample_grid.num_per_prompt=1",
+]
+
+
+def compose_train(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The real ``sdl-train`` config with ``overrides``, writing into ``run_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"paths.run_dir={run_dir}", f"paths.output_root={run_dir.parent}", *overrides],
+        )
+
+
+@pytest.fixture
+def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, run: str = "run") -> DictConfig:
+        return compose_train(tmp_path / run, overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def digits_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VAE trained briefly on the digits (stage 1), saved with its data-derived scaling factor."""
+    from sd_lightning.cli.train import train
+
+    run_dir = tmp_path_factory.mktemp("vae") / "run"
+    cfg = compose_train(run_dir, ["experiment=digits_autoencoder", "trainer.max_steps=200",
+                                  "trainer.check_val_every_n_epoch=4", *FAST[:3]])
+    train(cfg)
+    assert (run_dir / "vae" / "config.json").is_file()
+    return run_dir / "vae"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, digits_vae_dir: Path) -> Path:
+    """A short text-conditional run on the digits; its folder holds last.ckpt."""
+    from sd_lightning.cli.train import train
+
+    run_dir = tmp_path_factory.mktemp("ldm") / "run"
+    cfg = compose_train(run_dir, [*FAST, f"model.components.vae_path={digits_vae_dir}", "trainer.max_steps=60",
+                                  "data.source.limit=400"])
+    train(cfg)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    return run_dir
