@@ -22,6 +22,7 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/sdl-train experiment=digits_autoencoder
 	$(BIN)/sdl-train experiment=digits
+	$(BIN)/python experiments/digits_quality/measure.py --out outputs/digits/latest/quality.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -31,7 +32,7 @@ lint: $(STAMP)
 
 # Measure the default model's sample quality (conditional accuracy and diversity).
 quality: $(STAMP)
-	$(BIN)/python experiments/digits_quality/measure.py
+	$(BIN)/python experiments/digits_quality/measure.py --guidance 1.0 1.25 1.5 2.0 3.0
 
 clean:
 	rm -rf outputs multirun .pytest_cache

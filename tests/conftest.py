@@ -52,7 +52,7 @@ def digits_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sd_lightning.cli.train import train
 
     run_dir = tmp_path_factory.mktemp("vae") / "run"
-    cfg = compose_train(run_dir, ["experiment=digits_autoencoder", "trainer.max_steps=200",
+    cfg = compose_train(run_dir, ["experiment=digits_autoencoder", "trainer.max_steps=400",
                                   "trainer.check_val_every_n_epoch=4", *FAST[:3]])
     train(cfg)
     assert (run_dir / "vae" / "config.json").is_file()

@@ -107,6 +107,7 @@ def run_entry(name: str, function: Any, cfg: DictConfig) -> Any:
     """Run an entry point; a user error becomes one clear line on stderr and exit status 2."""
     import sys
 
+    silence_known_noise()
     try:
         return function(cfg)
     except Exception as err:
@@ -115,3 +116,19 @@ def run_entry(name: str, function: Any, cfg: DictConfig) -> Any:
             raise
         print(f"{name}: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def silence_known_noise() -> None:
+    """Drop warnings that are known, harmless on this stack and would bury the run's own messages."""
+    import logging
+    import warnings
+
+    for pattern in (r".*LeafSpec.*", r".*set_vital.*", r".*module\(s\) in eval mode.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
+    from transformers.utils import logging as hf_logging
+
+    for handler in hf_logging._get_library_root_logger().handlers:
+        handler.addFilter(lambda record: "requires torchvision" not in record.getMessage())

@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> float | None:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(model.run_config)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
 
     metric = trainer.callback_metrics.get(cfg.optimized_metric)
     if trainer.is_global_zero and not trainer.interrupted:

@@ -59,7 +59,9 @@ class AutoencoderModule(L.LightningModule):
         pixel_values = batch["pixel_values"]
         if pixel_values.shape[0] == 0:
             return None
-        generator = torch.Generator().manual_seed(stable_seed(self.seed, "vae", self.global_step, self.global_rank))
+        generator = torch.Generator().manual_seed(
+            stable_seed(self.seed, "vae", self.current_epoch, batch_idx, self.global_rank)
+        )
         reconstruction, posterior = self(pixel_values, generator)
         l1 = F.l1_loss(reconstruction, pixel_values)
         mse = F.mse_loss(reconstruction, pixel_values)

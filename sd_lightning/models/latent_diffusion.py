@@ -24,7 +24,7 @@ from sd_lightning.optim import configure_optimization
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLING = {"scheduler": "ddim", "steps": 30, "guidance_scale": 1.5}
+DEFAULT_SAMPLING = {"scheduler": "ddim", "steps": 30, "guidance_scale": 1.25}
 
 
 def _float64_collection(prefix: str) -> MetricCollection:
@@ -39,7 +39,7 @@ class LatentDiffusionModule(L.LightningModule):
     """Trains a UNet to denoise VAE latents conditioned on text; the VAE (and by default the text encoder) are frozen.
 
     Randomness in a training step (timesteps, noise, condition dropout, latent sampling) is drawn from a
-    generator seeded by (seed, global step, rank), so a resumed run draws exactly what the uninterrupted
+    generator seeded by (seed, epoch, batch index, rank), so a resumed run draws exactly what the uninterrupted
     run drew. Validation uses fixed timesteps and noise seeded by each sample's id, so its numbers depend
     only on the weights.
     """
@@ -179,8 +179,11 @@ class LatentDiffusionModule(L.LightningModule):
         keep = torch.rand(len(prompts), generator=generator) >= self.cond_drop_prob
         return [p if k else "" for p, k in zip(prompts, keep.tolist())]
 
-    def step_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(stable_seed(self.seed, "train", self.global_step, self.global_rank))
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Seeded by (seed, epoch, batch, rank): distinct for every micro-batch, identical after a resume."""
+        return torch.Generator().manual_seed(
+            stable_seed(self.seed, "train", self.current_epoch, batch_idx, self.global_rank)
+        )
 
     # ----------------------------------------------------------------------------------------- training
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -206,7 +209,7 @@ class LatentDiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch["pixel_values"].shape[0] == 0:
             return None
-        loss = self.diffusion_loss(batch, self.step_generator()).mean()
+        loss = self.diffusion_loss(batch, self.step_generator(batch_idx)).mean()
         batch_size = batch["pixel_values"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if batch.get("num_skipped", 0):
