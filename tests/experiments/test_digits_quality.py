@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, compose_train
 from sd_lightning.cli.train import train
+
+from conftest import FAST, compose_train
 
 MEASURE = Path(__file__).resolve().parents[2] / "experiments" / "digits_quality" / "measure.py"
 
