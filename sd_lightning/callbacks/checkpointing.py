@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+def last_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that writes ``last.ckpt`` (the resume point), if any."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None:
+            return callback
+    return None
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path | None:
+    checkpoint = last_checkpoint_callback(trainer)
+    if checkpoint is None:
+        return None
+    return Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+
+
+def at_optimizer_step_boundary(trainer: L.Trainer) -> bool:
+    """True unless gradients of an unfinished accumulation cycle are pending (they are not checkpointed)."""
+    completed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return trainer.accumulate_grad_batches == 1 or completed % trainer.accumulate_grad_batches == 0
 
 
 class FinalCheckpointCallback(L.Callback):
@@ -23,11 +50,49 @@ class FinalCheckpointCallback(L.Callback):
         self._last_saved_step = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        checkpoint = trainer.checkpoint_callback
-        if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.save_last or checkpoint.dirpath is None:
+        path = last_checkpoint_path(trainer)
+        if path is None or trainer.global_step in (self._last_saved_step, 0):
             return
-        if trainer.global_step == self._last_saved_step or trainer.global_step == 0:
-            return
-        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
-        checkpoint.last_model_path = str(path)
+        last_checkpoint_callback(trainer).last_model_path = str(path)
+
+
+class PreemptionCheckpointCallback(L.Callback):
+    """On SIGTERM (and SIGUSR1 when no cluster plugin owns it), save ``last.ckpt`` and stop.
+
+    Lightning turns SIGTERM into a clean stop after the current batch; this writes the checkpoint that
+    the next job resumes from. A stop inside a gradient-accumulation cycle saves nothing (the pending
+    gradients cannot be checkpointed), so the resume starts from the previous checkpoint instead.
+    """
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
+        self.signals = signals
+        self._previous: dict[int, Any] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name in self.signals:
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) in (signal.SIG_DFL, None):
+                # Forward to SIGTERM, which Lightning turns into a clean stop after the current batch.
+                self._previous[number] = signal.signal(number, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if not isinstance(exception, SIGTERMException):
+            return
+        path = last_checkpoint_path(trainer)
+        if path is None:
+            return
+        if not at_optimizer_step_boundary(trainer):
+            log.warning("stopped inside a gradient-accumulation cycle: keeping the previous checkpoint")
+            return
+        trainer.save_checkpoint(path)
+        log.warning("preempted at step %d: saved %s (resume with ckpt_path=last)", trainer.global_step, path)

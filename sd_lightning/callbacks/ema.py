@@ -55,6 +55,9 @@ class EMACallback(L.Callback):
             self.ema.load_state_dict({k: v for k, v in self._pending_state.items() if k != "param_names"})
             self._pending_state = None
         self.ema.to(pl_module.device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning restored the loops: a resumed run must not count the restored step as new.
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

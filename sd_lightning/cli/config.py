@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sd_lightning.diffusion.schedules import SAMPLING_SCHEDULERS
@@ -82,6 +84,8 @@ def validate_train_config(cfg: DictConfig) -> None:
         factor = 2 ** (len(vae_channels) - 1) * 2 ** (len(_get(cfg, "model.components.unet.block_out_channels") or [1]) - 1)
         if resolution % factor:
             problems.append(f"data.resolution={resolution} must be a multiple of {factor} for this VAE and UNet")
+    if _get(cfg, "resume") not in ("never", "auto"):
+        problems.append(f"resume={_get(cfg, 'resume')!r} must be 'never' or 'auto'")
     ckpt = _get(cfg, "ckpt_path")
     if ckpt not in (None, "last") and not Path(str(ckpt)).expanduser().is_file():
         problems.append(f"ckpt_path={ckpt} does not exist (use ckpt_path=last to resume the run folder's last.ckpt)")
@@ -91,14 +95,29 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 def user_error(err: BaseException) -> BaseException | None:
     """The user-facing cause inside an exception chain (Hydra wraps errors raised while instantiating)."""
+    from sd_lightning.callbacks.nonfinite import NonFiniteTrainingError
     from sd_lightning.data.sources import DataRootError
     from sd_lightning.models.builders import MissingModelError
     from sd_lightning.models.checkpoint_io import CheckpointError
 
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, (ConfigError, MissingModelError, DataRootError, CheckpointError)):
+        if isinstance(seen, (ConfigError, MissingModelError, DataRootError, CheckpointError, NonFiniteTrainingError)):
             return seen
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return OSError(
+                seen.errno,
+                "disk full while writing (checkpoint writes are atomic: the previous checkpoint is intact). Free "
+                "space, point paths.output_root at a larger disk, or keep fewer files with "
+                f"callbacks.best_checkpoint.save_top_k=1. ({seen})",
+            )
+        if isinstance(seen, torch.OutOfMemoryError):
+            return MemoryError(
+                f"out of memory ({str(seen).splitlines()[0][:200]}). Nothing was saved from this step. Reduce memory "
+                "with data.batch_size=<smaller> and trainer.accumulate_grad_batches=<k> (same effective batch), "
+                "model.gradient_checkpointing=true, trainer.precision=bf16-mixed on GPUs that support it, "
+                "or a smaller data.resolution / model size."
+            )
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
+from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
 
 log = logging.getLogger("sd_lightning")
 
@@ -48,6 +50,52 @@ def update_latest_link(link: Path, run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` if given, else last.ckpt of the run folder with resume=auto."""
+    if cfg.ckpt_path is not None:
+        return str(cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume == "auto" and last.is_file():
+        log.info("resume=auto: continuing from %s", last)
+        return str(last)
+    return None
+
+
+def check_resume_checkpoint(path: str, model: L.LightningModule, run_dir: Path) -> None:
+    """Refuse a malformed checkpoint or one from another model config before Lightning touches it."""
+    if path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            return
+        path = str(last)
+    checkpoint = load_checkpoint(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    differing = sorted(
+        [f"missing {k}" for k in expected.keys() - found.keys()]
+        + [f"unexpected {k}" for k in found.keys() - expected.keys()]
+        + [f"{k}: {found[k]} vs {expected[k]}" for k in expected.keys() & found.keys() if found[k] != expected[k]]
+    )
+    if differing:
+        shown = "\n  - ".join(differing[:20])
+        more = f"\n  … and {len(differing) - 20} more" if len(differing) > 20 else ""
+        raise CheckpointError(
+            f"ckpt_path={path} was saved from a different model config ({len(differing)} differing weights):"
+            f"\n  - {shown}{more}\nResume with the overrides the checkpoint was trained with."
+        )
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """The run folder's W&B id, so a resumed job continues (or later syncs into) the same W&B run."""
+    id_file = run_dir / "wandb" / "run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    return run_id
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit the configured model; returns ``cfg.optimized_metric`` for sweepers."""
     validate_train_config(cfg)
@@ -61,14 +109,20 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    ckpt_path = resolve_resume(cfg, run_dir)
+    if ckpt_path is not None:
+        check_resume_checkpoint(ckpt_path, model, run_dir)
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
+    logger_cfg = cfg.get("logger") or {}
+    if "wandb" in logger_cfg:
+        logger_cfg = OmegaConf.merge(logger_cfg, {"wandb": {"id": logger_cfg.wandb.id or _wandb_run_id(run_dir)}})
+    loggers = _instantiate_all(logger_cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(model.run_config)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metric = trainer.callback_metrics.get(cfg.optimized_metric)
     if trainer.is_global_zero and not trainer.interrupted:
@@ -84,10 +138,11 @@ def _print_summary(trainer: L.Trainer, run_dir: Path, cfg: DictConfig) -> None:
 
     table = Table(title=f"sd_lightning run '{cfg.name}' finished", show_header=False)
     table.add_row("run folder", str(run_dir))
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None:
-        table.add_row("last checkpoint", str(checkpoint.last_model_path or "-"))
-        table.add_row("best checkpoint", str(checkpoint.best_model_path or "-"))
+    for checkpoint in trainer.checkpoint_callbacks:
+        if checkpoint.save_last:
+            table.add_row("last checkpoint", str(checkpoint.last_model_path or "-"))
+        if checkpoint.monitor:
+            table.add_row(f"best checkpoint ({checkpoint.monitor})", str(checkpoint.best_model_path or "-"))
     for path, label in ((run_dir / "samples", "sample grids"), (run_dir / "vae", "trained VAE"),
                         (run_dir / "csv" / "metrics.csv", "metrics (CSV)"), (run_dir / "wandb", "W&B offline run")):
         if path.exists():

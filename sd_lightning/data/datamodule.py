@@ -60,6 +60,45 @@ def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any
     }
 
 
+class ResumableShuffleSampler(DistributedSampler):
+    """Shuffles with a permutation seeded by (seed, epoch) and remembers its position in it.
+
+    The state (epoch, position) is all a resumed run needs: unlike a sampler drawing from a chained
+    generator, the next epochs' orders do not depend on how the current one was reached. Lightning
+    calls ``set_epoch`` at each epoch start; across processes, each rank takes every world-th index of the
+    same permutation (equal shares, remainder dropped), so it is also the DDP sampler.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        num_replicas = num_replicas or (torch.distributed.get_world_size() if distributed else 1)
+        rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.size = len(dataset)
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.size // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "shuffle", self.epoch))
+        order = torch.randperm(self.size, generator=generator)[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        for index in order[self.position :].tolist():
+            self.position += 1
+            yield index
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch, self.position = int(state_dict["epoch"]), int(state_dict["position"])
+
+
 class ShardedEvalSampler(DistributedSampler):
     """Every validation sample on exactly one process, none repeated (DistributedSampler pads)."""
 
@@ -109,7 +148,10 @@ class DiffusionDataModule(L.LightningDataModule):
         exclude: str | None = None,
         drop_last: bool = True,
         sample_prompts: Sequence[str] = (),
+        stateful: bool = True,
     ) -> None:
+        """``stateful=False`` uses a plain DataLoader, whose position a checkpoint cannot hold (a resumed
+        run then sees other batches); it exists to demonstrate that, not for real runs."""
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -127,6 +169,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.exclude = exclude
         self.drop_last = drop_last
         self.sample_prompts = list(sample_prompts)
+        self.stateful = stateful
         self.train_dataset: DiffusionDataset | None = None
         self.val_dataset: DiffusionDataset | None = None
 
@@ -160,14 +203,23 @@ class DiffusionDataModule(L.LightningDataModule):
         return {"num_workers": self.num_workers, "collate_fn": collate_examples,
                 "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.train_dataset.epoch if self.train_dataset is not None else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.set_epoch(int(state_dict.get("epoch", 0)))
+
+    def train_dataloader(self) -> StatefulDataLoader | DataLoader:
         effective = min(self.batch_size, len(self.train_dataset))
+        if not self.stateful:
+            return DataLoader(self.train_dataset, batch_size=effective, shuffle=True, drop_last=self.drop_last,
+                              generator=torch.Generator().manual_seed(stable_seed(self.seed, "shuffle")),
+                              **self._loader_kwargs())
         return StatefulDataLoader(
             self.train_dataset,
             batch_size=effective,
-            shuffle=True,
+            sampler=ResumableShuffleSampler(self.train_dataset, seed=self.seed),
             drop_last=self.drop_last,
-            generator=torch.Generator().manual_seed(stable_seed(self.seed, "shuffle")),
             **self._loader_kwargs(),
         )
 

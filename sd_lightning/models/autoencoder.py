@@ -68,6 +68,8 @@ class AutoencoderModule(L.LightningModule):
         kl = posterior.kl().mean() / pixel_values[0].numel()
         loss = self.l1_weight * l1 + self.mse_weight * mse + self.kl_weight * kl
         size = pixel_values.shape[0]
+        if not torch.isfinite(loss):
+            return None  # NonFiniteGuardCallback counts the skipped step
         self.log_dict({"train/loss": loss, "train/l1": l1, "train/mse": mse, "train/kl": kl}, batch_size=size)
         self.log("train/loss_step", loss, prog_bar=True, logger=False, batch_size=size)
         return loss

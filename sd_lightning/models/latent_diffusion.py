@@ -90,6 +90,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.seed = seed
         self.prompt_cache_size = prompt_cache_size
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._checked_prompts: set[str] = set()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         self._freeze()
         self.val_metrics = _float64_collection("val/")
@@ -150,6 +151,16 @@ class LatentDiffusionModule(L.LightningModule):
         return latents * self.latent_scale
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids padded to the text encoder's length; prompts longer than that are cut with a warning."""
+        unseen = [p for p in dict.fromkeys(prompts) if p not in self._checked_prompts]
+        if unseen:
+            limit = self.tokenizer.model_max_length
+            for prompt, ids in zip(unseen, self.tokenizer(unseen, truncation=False).input_ids):
+                if len(ids) > limit:
+                    log.warning("prompt truncated to %d tokens (it has %d): %.80r…", limit, len(ids), prompt)
+            self._checked_prompts.update(unseen)
+            if len(self._checked_prompts) > 100_000:
+                self._checked_prompts.clear()
         return self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -211,6 +222,8 @@ class LatentDiffusionModule(L.LightningModule):
             return None
         loss = self.diffusion_loss(batch, self.step_generator(batch_idx)).mean()
         batch_size = batch["pixel_values"].shape[0]
+        if not torch.isfinite(loss):
+            return None  # NonFiniteGuardCallback counts the skipped step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if batch.get("num_skipped", 0):
             self.log("data/skipped_images", float(batch["num_skipped"]), reduce_fx="sum", batch_size=batch_size)
