@@ -96,6 +96,15 @@ def _wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def _sweep_grouping(cfg: DictConfig) -> dict[str, str]:
+    """In a multirun, W&B groups the jobs by sweep and names each by the overrides that differ."""
+    if not _is_multirun():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    group = cfg.logger.wandb.get("group") or f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}"
+    return {"group": group, "name": hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"}
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit the configured model; returns ``cfg.optimized_metric`` for sweepers."""
     validate_train_config(cfg)
@@ -115,7 +124,8 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     logger_cfg = cfg.get("logger") or {}
     if "wandb" in logger_cfg:
-        logger_cfg = OmegaConf.merge(logger_cfg, {"wandb": {"id": logger_cfg.wandb.id or _wandb_run_id(run_dir)}})
+        logger_cfg = OmegaConf.merge(logger_cfg, {"wandb": {"id": logger_cfg.wandb.id or _wandb_run_id(run_dir),
+                                                            **_sweep_grouping(cfg)}})
     loggers = _instantiate_all(logger_cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:

@@ -21,3 +21,21 @@ class UniformTimestepSampler:
 
     def __repr__(self) -> str:
         return f"UniformTimestepSampler({self.min_timestep}, {self.max_timestep})"
+
+
+class LogitNormalTimestepSampler:
+    """t = T · sigmoid(u), u ~ N(mean, std) (Esser et al. 2024, sec. 3.1): more weight on middle noise levels."""
+
+    def __init__(self, num_train_timesteps: int = 1000, mean: float = 0.0, std: float = 1.0) -> None:
+        if std <= 0:
+            raise ValueError(f"noise.timestep_sampler.std must be positive, got {std}")
+        self.num_train_timesteps = num_train_timesteps
+        self.mean, self.std = mean, std
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.randn(batch_size, generator=generator) * self.std + self.mean
+        t = (torch.sigmoid(u) * self.num_train_timesteps).long()
+        return t.clamp(0, self.num_train_timesteps - 1)
+
+    def __repr__(self) -> str:
+        return f"LogitNormalTimestepSampler(mean={self.mean}, std={self.std})"

@@ -43,3 +43,48 @@ class MinSnrWeighting:
 
     def __repr__(self) -> str:
         return f"MinSnrWeighting(gamma={self.gamma})"
+
+
+def _for_objective(epsilon_weight: torch.Tensor, ratio: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Re-express a weight defined on the ε-MSE for the objective's own target.
+
+    At a fixed x_t, ||v̂ - v||² = (SNR + 1)/SNR · ||ε̂ - ε||² and ||x̂0 - x0||² = ||ε̂ - ε||² / SNR, so the same
+    effective weight w on the ε error is w·SNR/(SNR + 1) on a v loss and w·SNR on an x0 loss (this is how
+    Min-SNR-γ's min(SNR, γ)/SNR becomes min(SNR, γ)/(SNR + 1) for v-prediction).
+    """
+    if objective.prediction_type == "v_prediction":
+        return epsilon_weight * ratio / (ratio + 1)
+    if objective.prediction_type == "sample":
+        return epsilon_weight * ratio
+    return epsilon_weight
+
+
+class DebiasedEstimationWeighting:
+    """Debiased estimation (Yu et al. 2024): weight 1/sqrt(SNR) on the ε-MSE, capped at ``max_weight``.
+
+    Down-weights low-noise steps, whose ε-loss otherwise dominates training with little effect on samples.
+    """
+
+    def __init__(self, max_weight: float = 1000.0) -> None:
+        self.max_weight = max_weight
+
+    def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
+        ratio = snr(alphas_cumprod, timesteps)
+        return _for_objective((1.0 / ratio.sqrt()).clamp(max=self.max_weight), ratio, objective)
+
+    def __repr__(self) -> str:
+        return f"DebiasedEstimationWeighting(max_weight={self.max_weight})"
+
+
+class P2Weighting:
+    """Perception-prioritized weighting (Choi et al. 2022, eq. 8): 1 / (k + SNR)^γ on the ε-MSE."""
+
+    def __init__(self, k: float = 1.0, gamma: float = 1.0) -> None:
+        self.k, self.gamma = k, gamma
+
+    def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
+        ratio = snr(alphas_cumprod, timesteps)
+        return _for_objective(1.0 / (self.k + ratio) ** self.gamma, ratio, objective)
+
+    def __repr__(self) -> str:
+        return f"P2Weighting(k={self.k}, gamma={self.gamma})"

@@ -10,10 +10,12 @@ from typing import Any
 import lightning as L
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
 from sd_lightning.data.split import stable_seed
 from sd_lightning.diffusion.losses import MSELoss
+from sd_lightning.diffusion.noise import GaussianNoise
 from sd_lightning.diffusion.objectives import Objective
 from sd_lightning.diffusion.schedules import sampling_scheduler
 from sd_lightning.diffusion.timesteps import UniformTimestepSampler
@@ -21,6 +23,7 @@ from sd_lightning.diffusion.weighting import UniformWeighting
 from sd_lightning.models.builders import DiffusionComponents
 from sd_lightning.models.checkpoint_io import RECORD_KEY, component_record, pipeline_from_components
 from sd_lightning.optim import configure_optimization
+from sd_lightning.optim.schedules import split_weight_decay
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class LatentDiffusionModule(L.LightningModule):
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         weighting: Callable[..., torch.Tensor] | None = None,
         timestep_sampler: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+        noise_sampler: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        input_perturbation: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        rescale_betas_zero_snr: bool = False,
         cond_drop_prob: float = 0.1,
         train_text_encoder: bool = False,
         val_timesteps: Sequence[int] = (100, 300, 500, 700, 900),
@@ -60,6 +66,9 @@ class LatentDiffusionModule(L.LightningModule):
         prompt_cache_size: int = 1024,
         seed: int = 0,
         path: str | None = None,
+        exclude_from_weight_decay: bool = False,
+        gradient_checkpointing: bool = False,
+        attention: str = "sdpa",
     ) -> None:
         """``path`` records the pretrained folder the components came from (``model=pretrained``)."""
         super().__init__()
@@ -71,8 +80,15 @@ class LatentDiffusionModule(L.LightningModule):
         self.tokenizer = components.tokenizer
         self.tokenizer_source = components.tokenizer_source
         self.objective = objective
+        if rescale_betas_zero_snr and objective.prediction_type == "epsilon":
+            raise ValueError(
+                "noise=zero_terminal_snr makes the last timestep pure noise, where an epsilon target is undefined: "
+                "use objective=v_prediction (Lin et al. 2023)"
+            )
         self.noise_scheduler = DDPMScheduler.from_config(
-            components.noise_scheduler.config, prediction_type=objective.prediction_type
+            components.noise_scheduler.config,
+            prediction_type=objective.prediction_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr or components.noise_scheduler.config.get("rescale_betas_zero_snr", False),
         )
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         bad = [t for t in val_timesteps if not 0 <= t < num_train_timesteps]
@@ -83,6 +99,15 @@ class LatentDiffusionModule(L.LightningModule):
         self.loss = loss or MSELoss()
         self.weighting = weighting or UniformWeighting()
         self.timestep_sampler = timestep_sampler or UniformTimestepSampler(num_train_timesteps)
+        self.noise_sampler = noise_sampler or GaussianNoise()
+        self.input_perturbation = input_perturbation
+        self.exclude_from_weight_decay = exclude_from_weight_decay
+        if attention not in ("sdpa", "classic"):
+            raise ValueError(f"model.attention={attention!r} must be 'sdpa' or 'classic'")
+        if attention == "classic":
+            self.unet.set_attn_processor(AttnProcessor())
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.cond_drop_prob = cond_drop_prob
         self.train_text_encoder = train_text_encoder
         self.val_timesteps = tuple(int(t) for t in val_timesteps)
@@ -104,6 +129,11 @@ class LatentDiffusionModule(L.LightningModule):
                 "loss": repr(self.loss),
                 "weighting": repr(self.weighting),
                 "timestep_sampler": repr(self.timestep_sampler),
+                "noise_sampler": repr(self.noise_sampler),
+                "input_perturbation": repr(input_perturbation),
+                "rescale_betas_zero_snr": bool(self.noise_scheduler.config.rescale_betas_zero_snr),
+                "gradient_checkpointing": gradient_checkpointing,
+                "attention": attention,
                 "cond_drop_prob": cond_drop_prob,
                 "train_text_encoder": train_text_encoder,
                 "val_timesteps": list(self.val_timesteps),
@@ -205,9 +235,10 @@ class LatentDiffusionModule(L.LightningModule):
         latents = self.encode_images(batch["pixel_values"], generator)
         prompts = self.drop_conditions(batch["prompt"], generator)
         encoder_hidden_states = self.encode_prompts(prompts)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        noise = self.noise_sampler(latents, generator)
         timesteps = self.timestep_sampler(latents.shape[0], generator).to(self.device)
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        input_noise = noise if self.input_perturbation is None else self.input_perturbation(noise, generator)
+        noisy_latents = self.noise_scheduler.add_noise(latents, input_noise, timesteps)
         model_output = self(noisy_latents, timesteps, encoder_hidden_states)
         target = self.objective.target(latents, noise, timesteps, self.alphas_cumprod)
         return self.loss(model_output, target) * self.weighting(timesteps, self.alphas_cumprod, self.objective)
@@ -273,10 +304,14 @@ class LatentDiffusionModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:
+        params: Any = self.trainable_parameters()
+        if self.exclude_from_weight_decay:
+            wanted = {id(p) for p in params}
+            params = split_weight_decay([(n, p) for n, p in self.named_parameters() if id(p) in wanted])
         return configure_optimization(
             self.optimizer_factory,
             self.lr_scheduler_factory,
-            self.trainable_parameters(),
+            params,
             int(self.trainer.estimated_stepping_batches),
         )
 
