@@ -13,11 +13,22 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from sd_lightning.data.split import stable_seed
+from sd_lightning.models.discriminator import (
+    adaptive_generator_weight,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+)
 from sd_lightning.optim import configure_optimization
 
 
 class AutoencoderModule(L.LightningModule):
-    """Trains a VAE for a new image domain (L1 + MSE reconstruction and a small KL term)."""
+    """Trains a VAE for a new image domain: L1 + MSE (+ perceptual) reconstruction and a small KL term.
+
+    With a ``discriminator`` it adds the adversarial stage latent diffusion used for its autoencoder: a
+    PatchGAN with hinge loss, switched on at ``disc_start_step`` and weighted adaptively against the
+    reconstruction loss. That needs two optimizers, so it uses Lightning's manual optimization, where
+    Trainer-level gradient clipping does not apply: ``gradient_clip_val`` clips inside the step instead.
+    """
 
     def __init__(
         self,
@@ -28,16 +39,29 @@ class AutoencoderModule(L.LightningModule):
         mse_weight: float = 1.0,
         kl_weight: float = 1e-6,
         seed: int = 0,
+        discriminator: torch.nn.Module | None = None,
+        disc_weight: float = 0.5,
+        disc_start_step: int = 0,
+        perceptual: torch.nn.Module | None = None,
+        perceptual_weight: float = 0.1,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         self.vae = vae
+        self.discriminator = discriminator
+        self.disc_weight, self.disc_start_step = disc_weight, disc_start_step
+        self.perceptual, self.perceptual_weight = perceptual, perceptual_weight
+        self.gradient_clip_val = gradient_clip_val
+        self.automatic_optimization = discriminator is None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.l1_weight, self.mse_weight, self.kl_weight = l1_weight, mse_weight, kl_weight
         self.seed = seed
         self.val_mse = MeanSquaredError().set_dtype(torch.float64)
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0).set_dtype(torch.float64)
-        self.save_hyperparameters({"l1_weight": l1_weight, "mse_weight": mse_weight, "kl_weight": kl_weight, "seed": seed})
+        self.save_hyperparameters({"l1_weight": l1_weight, "mse_weight": mse_weight, "kl_weight": kl_weight, "seed": seed,
+                                   "adversarial": discriminator is not None, "disc_weight": disc_weight,
+                                   "disc_start_step": disc_start_step, "perceptual": perceptual is not None})
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.vae.parameters())
@@ -55,6 +79,19 @@ class AutoencoderModule(L.LightningModule):
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
 
+    def reconstruction_losses(self, pixel_values: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+        reconstruction, posterior = self(pixel_values, generator)
+        terms = {
+            "l1": F.l1_loss(reconstruction, pixel_values),
+            "mse": F.mse_loss(reconstruction, pixel_values),
+            "kl": posterior.kl().mean() / pixel_values[0].numel(),
+        }
+        rec = self.l1_weight * terms["l1"] + self.mse_weight * terms["mse"]
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(reconstruction, pixel_values)
+            rec = rec + self.perceptual_weight * terms["perceptual"]
+        return {"reconstruction": reconstruction, "rec": rec, **terms}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         pixel_values = batch["pixel_values"]
         if pixel_values.shape[0] == 0:
@@ -62,17 +99,47 @@ class AutoencoderModule(L.LightningModule):
         generator = torch.Generator().manual_seed(
             stable_seed(self.seed, "vae", self.current_epoch, batch_idx, self.global_rank)
         )
-        reconstruction, posterior = self(pixel_values, generator)
-        l1 = F.l1_loss(reconstruction, pixel_values)
-        mse = F.mse_loss(reconstruction, pixel_values)
-        kl = posterior.kl().mean() / pixel_values[0].numel()
-        loss = self.l1_weight * l1 + self.mse_weight * mse + self.kl_weight * kl
+        out = self.reconstruction_losses(pixel_values, generator)
+        loss = out["rec"] + self.kl_weight * out["kl"]
         size = pixel_values.shape[0]
+        logged = {f"train/{k}": out[k] for k in ("l1", "mse", "kl", "perceptual") if k in out}
+        if self.discriminator is not None:
+            return self._adversarial_step(pixel_values, out, loss, logged, size)
         if not torch.isfinite(loss):
             return None  # NonFiniteGuardCallback counts the skipped step
-        self.log_dict({"train/loss": loss, "train/l1": l1, "train/mse": mse, "train/kl": kl}, batch_size=size)
+        self.log_dict({"train/loss": loss, **logged}, batch_size=size)
         self.log("train/loss_step", loss, prog_bar=True, logger=False, batch_size=size)
         return loss
+
+    def _adversarial_step(self, pixel_values: torch.Tensor, out: dict[str, Any], loss: torch.Tensor,
+                          logged: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+        opt_g, opt_d = self.optimizers()
+        adversarial = self.global_step >= self.disc_start_step
+        if adversarial:
+            g_loss = hinge_generator_loss(self.discriminator(out["reconstruction"]))
+            weight = self.disc_weight * adaptive_generator_weight(out["rec"], g_loss, self.vae.decoder.conv_out.weight)
+            loss = loss + weight * g_loss
+            logged.update({"train/g_loss": g_loss, "train/disc_weight": weight})
+        opt_g.zero_grad()
+        self.manual_backward(loss)
+        if self.gradient_clip_val:
+            self.clip_gradients(opt_g, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        opt_g.step()
+        if adversarial:
+            d_loss = hinge_discriminator_loss(self.discriminator(pixel_values),
+                                              self.discriminator(out["reconstruction"].detach()))
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            if self.gradient_clip_val:
+                self.clip_gradients(opt_d, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            opt_d.optimizer.step()  # the raw optimizer: one global step per batch, not two
+            logged["train/d_loss"] = d_loss
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                scheduler.step()
+        self.log_dict({"train/loss": loss, **logged}, batch_size=size)
+        return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pixel_values = batch["pixel_values"]
@@ -109,6 +176,13 @@ class AutoencoderModule(L.LightningModule):
         return float(1.0 / max(variance, 1e-12) ** 0.5)
 
     def configure_optimizers(self) -> Any:
+        if self.discriminator is not None:
+            generator = configure_optimization(self.optimizer_factory, self.lr_scheduler_factory,
+                                               self.trainable_parameters(), int(self.trainer.max_steps))
+            disc_optimizer = self.optimizer_factory(params=list(self.discriminator.parameters()))
+            if isinstance(generator, dict):
+                return [generator["optimizer"], disc_optimizer], [generator["lr_scheduler"]]
+            return [generator, disc_optimizer]
         return configure_optimization(
             self.optimizer_factory,
             self.lr_scheduler_factory,
