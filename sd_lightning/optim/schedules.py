@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
+
+log = logging.getLogger(__name__)
 
 
 def build_lr_scheduler(
@@ -47,6 +50,9 @@ def configure_optimization(
     """What ``configure_optimizers`` returns: the optimizer and, if configured, a per-step LR schedule."""
     optimizer = optimizer_factory(params=list(params))
     if not lr_scheduler_factory:  # None, or lr_scheduler=none (an empty config)
+        return optimizer
+    if type(optimizer).__module__.startswith("schedulefree"):
+        log.info("%s schedules itself: lr_scheduler is ignored", type(optimizer).__name__)
         return optimizer
     factory = lr_scheduler_factory
     if isinstance(factory, partial) and "num_training_steps" not in factory.keywords:

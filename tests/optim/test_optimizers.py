@@ -121,3 +121,17 @@ def test_schedule_free_callback_switches_modes(tmp_path):
     assert ("val", False) in modes and ("train", True) in modes
     assert all(mode for kind, mode in modes if kind == "train")
     assert not trainer.optimizers[0].param_groups[0]["train_mode"]
+
+
+def test_schedule_free_optimizers_take_no_lr_schedule():
+    from functools import partial
+
+    from sd_lightning.optim.optimizers import build_schedule_free_adamw
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    result = configure_optimization(partial(build_schedule_free_adamw, lr=0.01),
+                                    partial(build_lr_scheduler, name="cosine"), params, 100)
+    assert type(result).__name__ == "AdamWScheduleFree"  # no scheduler attached
+    with_schedule = configure_optimization(partial(torch.optim.AdamW, lr=0.01), partial(build_lr_scheduler, name="cosine"),
+                                           params, 100)
+    assert "lr_scheduler" in with_schedule
