@@ -79,3 +79,16 @@ def test_slurm_launcher_composes_what_it_would_submit():
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.partition == "gpu"
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_multirun_with_ddp_spawn(tmp_path):
+    """The recommended combination: strategy=ddp_spawn (plain ddp re-launches Hydra's command line)."""
+    multirun(tmp_path, "seed=0", "trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu",
+             "data.source.limit=200")
+    (job,) = _job_dirs(tmp_path)
+    import torch
+
+    state = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    assert pd.read_csv(job / "csv" / "metrics.csv")["val/mse"].notna().any()
