@@ -43,18 +43,14 @@ class FinalCheckpointCallback(L.Callback):
     would be lost and a resumed or sampled "last" model would be older than the run.
     """
 
-    def __init__(self) -> None:
-        self._last_saved_step = -1
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._last_saved_step = trainer.global_step
-
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = last_checkpoint_callback(trainer)
         path = last_checkpoint_path(trainer)
-        if path is None or trainer.global_step in (self._last_saved_step, 0):
+        # Another checkpoint (e.g. the best one) saved at this step does not make last.ckpt current.
+        if path is None or trainer.global_step == 0 or getattr(checkpoint, "_last_global_step_saved", -1) == trainer.global_step:
             return
         trainer.save_checkpoint(path)
-        last_checkpoint_callback(trainer).last_model_path = str(path)
+        checkpoint.last_model_path = str(path)
 
 
 class PreemptionCheckpointCallback(L.Callback):

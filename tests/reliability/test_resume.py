@@ -142,3 +142,17 @@ def test_negative_control_plain_dataloader_does_not_resume_exactly(tmp_path, ref
     run_subprocess(run_dir, ["data.stateful=false", "ckpt_path=last"])
     with pytest.raises(AssertionError):
         assert_same_run(run_dir, reference("data.stateful=false"))
+
+
+def test_last_checkpoint_is_current_when_another_checkpoint_saved_the_final_step(tmp_path):
+    """max_steps=12 ends on a validation (best checkpoint at 12) between every_n_train_steps=5 saves."""
+    run_dir = tmp_path / "run"
+    train(compose_train(run_dir, [*BASE, "trainer.max_steps=12", "callbacks.checkpoint.every_n_train_steps=5",
+                                  "data.source.limit=64", "trainer.check_val_every_n_epoch=null",
+                                  "trainer.val_check_interval=6"]))
+    assert final_state(run_dir)["global_step"] == 12
+    train(compose_train(run_dir, [*BASE, "trainer.max_steps=14", "callbacks.checkpoint.every_n_train_steps=5",
+                                  "data.source.limit=64", "trainer.check_val_every_n_epoch=null",
+                                  "trainer.val_check_interval=6", "ckpt_path=last"]))
+    assert final_state(run_dir)["global_step"] == 14
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
