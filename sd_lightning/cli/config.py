@@ -63,6 +63,21 @@ def check_sampling(problems: list[str], cfg: DictConfig, prefix: str = "sampling
     _check_number(problems, cfg, f"{prefix}guidance_scale", float, 0.0, 100.0, optional=optional)
 
 
+def check_conditioning(problems: list[str], cfg: DictConfig) -> None:
+    """data.conditioning / labeled_fraction / keep_tokens, when the data config has them."""
+    conditioning = _get(cfg, "data.conditioning")
+    if conditioning is not None and conditioning not in ("text", "class", "none"):
+        problems.append(f"data.conditioning={conditioning!r} must be 'text', 'class' or 'none'")
+    _check_number(problems, cfg, "data.labeled_fraction", float, 0.0, 1.0, optional=True)
+    _check_number(problems, cfg, "data.keep_tokens", int, 0, optional=True)
+    template = _get(cfg, "data.caption_template")
+    if template is not None and "{class_name}" not in str(template):
+        problems.append(f"data.caption_template={template!r} must contain '{{class_name}}'")
+    buckets = _get(cfg, "data.buckets")
+    if buckets is not None and not isinstance(buckets, DictConfig):
+        problems.append(f"data.buckets={buckets!r} must be null or a mapping such as {{multiple: 8, max_aspect: 2.0}}")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Fail before any heavy work, naming each bad key (Hydra itself rejects unknown keys)."""
     missing = missing_keys(cfg)
@@ -78,12 +93,20 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check_number(problems, cfg, "data.val_fraction", float, 0.0, 0.99)
     _check_number(problems, cfg, "model.cond_drop_prob", float, 0.0, 1.0, optional=True)
     _check_number(problems, cfg, "optimizer.lr", float, 0.0, low_open=True, optional=True)
+    if _get(cfg, "model.lora") is not None:
+        _check_number(problems, cfg, "model.lora.rank", int, 1)
+        _check_number(problems, cfg, "model.lora.alpha", float, 0.0, low_open=True)
+        _check_number(problems, cfg, "model.lora.dropout", float, 0.0, 0.99)
     check_sampling(problems, cfg)
     resolution, vae_channels = _get(cfg, "data.resolution"), _get(cfg, "model.components.vae.block_out_channels")
     if isinstance(resolution, int) and vae_channels:
         factor = 2 ** (len(vae_channels) - 1) * 2 ** (len(_get(cfg, "model.components.unet.block_out_channels") or [1]) - 1)
         if resolution % factor:
             problems.append(f"data.resolution={resolution} must be a multiple of {factor} for this VAE and UNet")
+        multiple = (_get(cfg, "data.buckets.multiple") or 8) if isinstance(_get(cfg, "data.buckets"), DictConfig) else None
+        if isinstance(multiple, int) and multiple % factor:
+            problems.append(f"data.buckets.multiple={multiple} must be a multiple of {factor} for this VAE and UNet")
+    check_conditioning(problems, cfg)
     if _get(cfg, "resume") not in ("never", "auto"):
         problems.append(f"resume={_get(cfg, 'resume')!r} must be 'never' or 'auto'")
     ckpt = _get(cfg, "ckpt_path")
@@ -91,6 +114,64 @@ def validate_train_config(cfg: DictConfig) -> None:
         problems.append(f"ckpt_path={ckpt} does not exist (use ckpt_path=last to resume the run folder's last.ckpt)")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def auto_precision() -> str:
+    """``${sdl.auto_precision:}``: bf16 autocast on GPUs with bf16 units, else fp32 (CPU autocast is 50-200x slower)."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def memory_efficient_adamw() -> str:
+    """``${sdl.memory_efficient_adamw:}``: bitsandbytes' 8-bit AdamW with CUDA, else torch's AdamW (logged)."""
+    import importlib.util
+    import logging
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return "sd_lightning.optim.optimizers.build_adamw_8bit"
+    reason = "no CUDA device" if not torch.cuda.is_available() else "bitsandbytes is not installed"
+    logging.getLogger("sd_lightning").info("optimizer: 8-bit AdamW unavailable (%s), using torch.optim.AdamW", reason)
+    return "torch.optim.AdamW"
+
+
+def _pretrained_config(path: str, sub: str, name: str = "config.json") -> dict[str, Any]:
+    import json
+
+    from sd_lightning.models.builders import MissingModelError
+
+    file = Path(str(path)).expanduser() / sub / name
+    if not file.is_file():
+        raise MissingModelError(f"model.path={path} is not a Stable Diffusion diffusers folder: no {sub}/{name}")
+    return json.loads(file.read_text())
+
+
+def pretrained_resolution(path: str) -> int:
+    """``${sdl.pretrained_resolution:${model.path}}``: the image size the folder's UNet was trained at (512 for SD 1.x)."""
+    unet, vae = _pretrained_config(path, "unet"), _pretrained_config(path, "vae")
+    sample_size = unet["sample_size"]
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    return int(sample_size) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+PREDICTION_OBJECTIVES = {
+    "epsilon": "sd_lightning.diffusion.objectives.EpsilonObjective",
+    "v_prediction": "sd_lightning.diffusion.objectives.VPredictionObjective",
+    "sample": "sd_lightning.diffusion.objectives.SampleObjective",
+}
+
+
+def pretrained_objective(path: str) -> str:
+    """``${sdl.pretrained_objective:${model.path}}``: fine-tune with what the folder's model predicts (SD 2-768: v)."""
+    prediction_type = _pretrained_config(path, "scheduler", "scheduler_config.json").get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_OBJECTIVES:
+        raise ConfigError(f"model.path={path}: scheduler prediction_type={prediction_type!r} is not supported")
+    return PREDICTION_OBJECTIVES[prediction_type]
+
+
+for _name, _resolver in (("sdl.auto_precision", auto_precision), ("sdl.memory_efficient_adamw", memory_efficient_adamw),
+                         ("sdl.pretrained_resolution", pretrained_resolution),
+                         ("sdl.pretrained_objective", pretrained_objective)):
+    OmegaConf.register_new_resolver(_name, _resolver, replace=True)
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -1,4 +1,9 @@
-"""sdl-export: write a plain diffusers StableDiffusionPipeline folder (safetensors, EMA weights by default)."""
+"""sdl-export: write a plain diffusers StableDiffusionPipeline folder (safetensors, EMA weights by default).
+
+For a LoRA run it writes the adapters instead (``pytorch_lora_weights.safetensors``, which
+``pipe.load_lora_weights(out_dir)`` reads) and, with ``merge_lora=true``, also the pipeline with the
+adapters folded into its weights in ``out_dir/merged``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from omegaconf import DictConfig
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, missing_keys, run_entry
 from sd_lightning.models.checkpoint_io import SAMPLING_FILE, load_pipeline
+from sd_lightning.models.lora import has_lora, merge_lora, save_lora
 
 
 def export(cfg: DictConfig) -> Path:
@@ -23,14 +29,28 @@ def export(cfg: DictConfig) -> Path:
     pipeline, sampling = load_pipeline(cfg.ckpt_path, scheduler=cfg.scheduler, use_ema=cfg.use_ema)
     if cfg.scheduler:
         sampling["scheduler"] = cfg.scheduler
+    lora = has_lora(pipeline.unet)
+    if cfg.merge_lora and not lora:
+        raise ConfigError(f"merge_lora=true: ckpt_path={cfg.ckpt_path} has no LoRA adapters (it is a full model)")
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(tmp, safe_serialization=True)
+    if lora:
+        save_lora(tmp, pipeline.unet, pipeline.text_encoder)
+        if cfg.merge_lora:
+            merge_lora(pipeline.unet)
+            merge_lora(pipeline.text_encoder)
+            pipeline.save_pretrained(tmp / "merged", safe_serialization=True)
+            (tmp / "merged" / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
+    else:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
     (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    print(f"sdl-export: wrote a StableDiffusionPipeline to {out_dir} (sampling defaults: {sampling})")
+    what = "a StableDiffusionPipeline"
+    if lora:
+        what = "LoRA adapters" + (" and the merged pipeline (merged/)" if cfg.merge_lora else "")
+    print(f"sdl-export: wrote {what} to {out_dir} (sampling defaults: {sampling})")
     return out_dir
 
 

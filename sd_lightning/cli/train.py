@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
+from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
 from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
 
 log = logging.getLogger("sd_lightning")
@@ -108,6 +109,11 @@ def _sweep_grouping(cfg: DictConfig) -> dict[str, str]:
 def train(cfg: DictConfig) -> float | None:
     """Fit the configured model; returns ``cfg.optimized_metric`` for sweepers."""
     validate_train_config(cfg)
+    if cfg.get("estimate"):
+        from sd_lightning.cli.estimate import estimate
+
+        estimate(cfg)
+        return None
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -131,8 +137,13 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
             logger.log_hyperparams(model.run_config)
+    if trainer.is_global_zero:
+        # The resolved config, code, stack, hardware and data split of this run (see evaluation/manifest.py).
+        manifest = build_manifest(model.run_config, datamodule)
+        log_manifest(loggers, manifest, write_manifest(manifest, run_dir))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    _finish_wandb(loggers)
 
     metric = trainer.callback_metrics.get(cfg.optimized_metric)
     if trainer.is_global_zero and not trainer.interrupted:
@@ -140,6 +151,16 @@ def train(cfg: DictConfig) -> float | None:
             update_latest_link(Path(cfg.paths.latest), run_dir)
         _print_summary(trainer, run_dir, cfg)
     return None if metric is None else float(metric)
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run now, so its offline file is complete when train() returns (a multirun's next job
+    runs in this same process, and Lightning leaves the run open until the process exits)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _print_summary(trainer: L.Trainer, run_dir: Path, cfg: DictConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +15,28 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sd_lightning.data.sources import ImageSource, UnreadableImageError
 from sd_lightning.data.split import split_indices, stable_seed
-from sd_lightning.data.transforms import ImageTransform
+from sd_lightning.data.transforms import CaptionTransform, ColorJitter, ImageTransform
 
 log = logging.getLogger(__name__)
 
 
 class DiffusionDataset(Dataset):
-    """Decoded, preprocessed examples ``{pixel_values, prompt, id}``; ``None`` for an unreadable image."""
+    """Decoded, preprocessed examples ``{pixel_values, prompt, id}``; ``None`` for an unreadable image.
+
+    ``sizes`` gives each position's (width, height) aspect-ratio bucket (None = square ``resolution``);
+    ``captions`` decides the prompt (None = the source's caption); an unlabeled item gets the null prompt "".
+    """
 
     def __init__(self, source: ImageSource, indices: Sequence[int], transform: ImageTransform, seed: int = 0,
-                 augment: bool = True) -> None:
+                 augment: bool = True, captions: CaptionTransform | None = None,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> None:
         self.source = source
         self.indices = list(indices)
         self.transform = transform
         self.seed = seed
         self.augment = augment
+        self.captions = captions
+        self.sizes = sizes
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -44,7 +51,12 @@ class DiffusionDataset(Dataset):
             log.warning("skipping unreadable image %s (%s)", item.id, err)
             return None
         rng = random.Random(stable_seed(self.seed, item.id, self.epoch)) if self.augment else None
-        return {"pixel_values": self.transform(image, rng), "prompt": item.caption or "", "id": item.id}
+        size = self.sizes[position] if self.sizes is not None else None
+        caption = item.caption
+        if self.captions is not None:
+            tag_rng = random.Random(stable_seed(self.seed, "tags", item.id, self.epoch)) if self.augment else None
+            caption = self.captions(item, tag_rng)
+        return {"pixel_values": self.transform(image, rng, size), "prompt": caption or "", "id": item.id}
 
 
 def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -84,10 +96,13 @@ class ResumableShuffleSampler(DistributedSampler):
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
-    def __iter__(self) -> Iterator[int]:
+    def rank_order(self) -> list[int]:
+        """This rank's indices for the current epoch (subclasses change the order, not the resume logic)."""
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "shuffle", self.epoch))
-        order = torch.randperm(self.size, generator=generator)[self.rank : len(self) * self.num_replicas : self.num_replicas]
-        for index in order[self.position :].tolist():
+        return torch.randperm(self.size, generator=generator)[self.rank : len(self) * self.num_replicas : self.num_replicas].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        for index in self.rank_order()[self.position :]:
             self.position += 1
             yield index
         self.epoch, self.position = self.epoch + 1, 0
@@ -131,6 +146,12 @@ class DiffusionDataModule(L.LightningDataModule):
     The split is by a stable hash of each item's id (see ``split.py``), computed in ``setup`` on every
     process. Training batches come from a ``StatefulDataLoader`` whose position Lightning saves in the
     checkpoint, so a resumed run continues mid-epoch with the same batches.
+
+    Augmentation (``center_crop``, ``random_flip``, ``color_jitter``; presets in ``conf/augmentation``) is
+    drawn per (seed, epoch, sample). ``buckets`` (e.g. ``{multiple: 8, max_aspect: 2.0}``, see ``buckets.py``)
+    trains on aspect-ratio buckets; validation stays square center-cropped, so validation numbers compare
+    across bucket settings. ``conditioning``, ``caption_template``, ``labeled_fraction``, ``shuffle_tags`` and
+    ``keep_tokens`` choose the prompts (see ``CaptionTransform``).
     """
 
     def __init__(
@@ -149,16 +170,37 @@ class DiffusionDataModule(L.LightningDataModule):
         drop_last: bool = True,
         sample_prompts: Sequence[str] = (),
         stateful: bool = True,
+        color_jitter: ColorJitter | None = None,
+        buckets: dict[str, Any] | None = None,
+        conditioning: str = "text",
+        caption_template: str = "{class_name}",
+        labeled_fraction: float = 1.0,
+        shuffle_tags: bool = False,
+        keep_tokens: int = 0,
+        root: str | None = None,
+        cache: str | None = None,
     ) -> None:
         """``stateful=False`` uses a plain DataLoader, whose position a checkpoint cannot hold (a resumed
-        run then sees other batches); it exists to demonstrate that, not for real runs."""
+        run then sees other batches); it exists to demonstrate that, not for real runs. ``root`` is the
+        ``data.root`` of folder configs, which their source reads; accepted here so that key can live at the top.
+        ``cache``: a folder written by ``sdl-data cache`` (see ``cache.py``); both splits then yield cached VAE
+        latents and text-encoder states instead of pixels, checked against this config and the attached model."""
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.source = source
-        self.transform = ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip)
+        self.transform = ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
+                                        color_jitter=color_jitter)
+        self.captions = CaptionTransform(conditioning, caption_template, labeled_fraction, shuffle_tags, keep_tokens)
+        from sd_lightning.data.buckets import AspectRatioBuckets  # buckets.py builds on this module's sampler
+
+        unknown = set(buckets or {}).difference({"multiple", "max_aspect"})
+        if unknown:
+            raise ValueError(f"data.buckets has unknown keys {sorted(unknown)}; it takes multiple and max_aspect")
+        self.buckets = None if buckets is None else AspectRatioBuckets(resolution, **buckets)
+        self.train_bucket_ids: list[int] | None = None
         self.eval_transform = ImageTransform(resolution=resolution, center_crop=True, random_flip=False)
         self.val_fraction = val_fraction
         self.split_salt = split_salt
@@ -170,14 +212,14 @@ class DiffusionDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.sample_prompts = list(sample_prompts)
         self.stateful = stateful
+        self.cache = cache
+        self.collate_fn: Callable[[Sequence[dict[str, Any] | None]], dict[str, Any]] = collate_examples
         self.train_dataset: DiffusionDataset | None = None
         self.val_dataset: DiffusionDataset | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return
+    def split(self, ids: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Train and validation positions of ``ids``: the stable-hash split minus ``data.exclude``."""
         excluded = set(read_exclusions(self.exclude))
-        ids = [item.id for item in self.source.items]
         if excluded:
             unknown = excluded.difference(ids)
             if unknown:
@@ -189,8 +231,31 @@ class DiffusionDataModule(L.LightningDataModule):
             raise ValueError(f"the training split of {self.source.describe()} is empty")
         if self.val_fraction > 0 and not val:
             raise ValueError(f"data.val_fraction={self.val_fraction} left no validation items; raise it")
-        self.train_dataset = DiffusionDataset(self.source, train, self.transform, self.seed, augment=True)
-        self.val_dataset = DiffusionDataset(self.source, val, self.eval_transform, self.seed, augment=False)
+        return train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        excluded = set(read_exclusions(self.exclude))
+        ids = [item.id for item in self.source.items]
+        train, val = self.split(ids)
+        if self.captions.conditioning == "class" and not any(self.source.items[i].label for i in train):
+            raise ValueError(f"data.conditioning=class: {self.source.describe()} has no class labels (an image "
+                             "folder takes them from class sub-folders); use data.conditioning=text or none")
+        sizes = None
+        if self.buckets is not None:
+            self.train_bucket_ids = [self.buckets.assign(self.source.image_size(i)) for i in train]
+            sizes = [self.buckets.sizes[b] for b in self.train_bucket_ids]
+            log.info("aspect-ratio buckets (%d train images): %s", len(train), self.buckets.describe(self.train_bucket_ids))
+        self.train_dataset = DiffusionDataset(self.source, train, self.transform, self.seed, augment=True,
+                                              captions=self.captions, sizes=sizes)
+        self.val_dataset = DiffusionDataset(self.source, val, self.eval_transform, self.seed, augment=False,
+                                            captions=self.captions)
+        if self.cache:
+            # cache.py builds on this module's dataset
+            from sd_lightning.data.cache import open_cached_datasets
+
+            self.train_dataset, self.val_dataset, self.collate_fn = open_cached_datasets(self, train, val)
         log.info("data: %s → %d train / %d validation (%d excluded)", self.source.describe(), len(train), len(val),
                  len(excluded))
 
@@ -199,8 +264,13 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             self.train_dataset.epoch = epoch
 
+    def _check_cache_model(self) -> None:
+        """A cache must come from the attached model's VAE and text encoder (checked once a trainer asks)."""
+        if self.cache and self.trainer is not None and self.trainer.lightning_module is not None:
+            self.train_dataset.cache.check_model(self.trainer.lightning_module)
+
     def _loader_kwargs(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "collate_fn": collate_examples,
+        return {"num_workers": self.num_workers, "collate_fn": self.collate_fn,
                 "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -210,7 +280,15 @@ class DiffusionDataModule(L.LightningDataModule):
         self.set_epoch(int(state_dict.get("epoch", 0)))
 
     def train_dataloader(self) -> StatefulDataLoader | DataLoader:
+        self._check_cache_model()
         effective = min(self.batch_size, len(self.train_dataset))
+        if self.train_bucket_ids is not None:
+            from sd_lightning.data.buckets import BucketSampler
+
+            sampler = BucketSampler(self.train_dataset, self.train_bucket_ids, effective, seed=self.seed)
+            loader = StatefulDataLoader if self.stateful else DataLoader
+            return loader(self.train_dataset, batch_size=effective, sampler=sampler, drop_last=True,
+                          **self._loader_kwargs())
         if not self.stateful:
             return DataLoader(self.train_dataset, batch_size=effective, shuffle=True, drop_last=self.drop_last,
                               generator=torch.Generator().manual_seed(stable_seed(self.seed, "shuffle")),
@@ -229,6 +307,7 @@ class DiffusionDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
+        self._check_cache_model()
         sampler = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = ShardedEvalSampler(

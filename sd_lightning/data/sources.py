@@ -33,10 +33,11 @@ class DataRootError(ValueError):
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One training example before decoding: a stable id and its caption (None = unlabeled)."""
+    """One training example before decoding: a stable id, its caption (None = unlabeled) and class name, if any."""
 
     id: str
     caption: str | None
+    label: str | None = None
 
 
 class ImageSource:
@@ -49,6 +50,10 @@ class ImageSource:
 
     def load_image(self, index: int) -> Image.Image:
         raise NotImplementedError
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of an item, for aspect-ratio buckets; sources override it with something cheaper."""
+        return self.load_image(index).size
 
     def describe(self) -> str:
         return f"{type(self).__name__}({len(self)} items)"
@@ -76,10 +81,14 @@ class DigitsSource(ImageSource):
         self.images = digits.images
         self.labels = digits.target.astype(int)
         count = len(self.labels) if limit is None else min(limit, len(self.labels))
-        self.items = [SourceItem(id=f"digits/{i:04d}", caption=digit_caption(int(self.labels[i]))) for i in range(count)]
+        self.items = [SourceItem(id=f"digits/{i:04d}", caption=digit_caption(int(self.labels[i])),
+                                 label=DIGIT_NAMES[int(self.labels[i])]) for i in range(count)]
 
     def load_image(self, index: int) -> Image.Image:
         return upscale_digit(self.images[index], self.size)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.size, self.size
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
@@ -154,7 +163,14 @@ class ImageFolderSource(ImageSource):
             relative_paths = [p for p in relative_paths if p not in excluded]
         if not relative_paths:
             raise DataRootError(f"no images found under data.root={self.root} (extensions: {sorted(extensions)})")
-        self.items = [SourceItem(id=rel, caption=self._caption(rel, metadata)) for rel in relative_paths]
+        self.items = [SourceItem(id=rel, caption=self._caption(rel, metadata), label=self._label(rel))
+                      for rel in relative_paths]
+
+    @staticmethod
+    def _label(relative: str) -> str | None:
+        """The class sub-folder name (underscores as spaces); None for images at the root."""
+        parent = Path(relative).parent
+        return parent.name.replace("_", " ") if parent != Path(".") else None
 
     def _caption(self, relative: str, metadata: dict[str, str | None] | None) -> str | None:
         if metadata is not None and metadata.get(relative) is not None:
@@ -177,6 +193,14 @@ class ImageFolderSource(ImageSource):
     def path(self, index: int) -> Path:
         return resolve_inside(self.root, self.items[index].id)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """Read from the file header only; an unreadable file gets the square size (it is skipped later)."""
+        try:
+            with Image.open(self.path(index)) as image:
+                return image.size
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+            return 1, 1
+
     def load_image(self, index: int) -> Image.Image:
         path = self.path(index)
         try:
@@ -185,3 +209,31 @@ class ImageFolderSource(ImageSource):
                 return image.convert("RGB")
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as err:
             raise UnreadableImageError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+LFW_FACE_CAPTION = "a photo of a face"
+LFW_OTHER_CAPTION = "a photo of something else"
+
+
+class LfwSource(ImageSource):
+    """scikit-image's bundled LFW subset (no download): 200 25x25 grayscale crops, the first 100 faces and
+    the last 100 background patches, upscaled to ``size`` RGB like the digits."""
+
+    def __init__(self, size: int = 32, face_caption: str = LFW_FACE_CAPTION,
+                 other_caption: str = LFW_OTHER_CAPTION, limit: int | None = None) -> None:
+        from skimage.data import lfw_subset
+
+        images = np.asarray(lfw_subset(), dtype=np.float64)
+        # Documented as uint8, returned as floats in [0, 1] by scikit-image 0.26: accept both.
+        self.images = images / 255.0 if images.max() > 1.0 else images
+        self.size = size
+        count = len(self.images) if limit is None else min(limit, len(self.images))
+        self.items = [SourceItem(id=f"lfw/{i:03d}", caption=face_caption if i < 100 else other_caption,
+                                 label="face" if i < 100 else "something else") for i in range(count)]
+
+    def load_image(self, index: int) -> Image.Image:
+        gray = Image.fromarray(np.clip(self.images[index] * 255.0, 0, 255).round().astype(np.uint8))
+        return gray.resize((self.size, self.size), Image.Resampling.BICUBIC).convert("RGB")
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.size, self.size

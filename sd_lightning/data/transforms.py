@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
+
+from sd_lightning.data.sources import SourceItem
+from sd_lightning.data.split import split_fraction
+
+CONDITIONING_MODES = ("text", "class", "none")
+
+
+class ColorJitter:
+    """Small brightness/contrast/saturation changes (PIL ImageEnhance), each factor uniform in [1-a, 1+a].
+
+    The factors come from the caller's ``rng``, so a sample's jitter is fixed by (seed, epoch, sample).
+    """
+
+    def __init__(self, brightness: float = 0.1, contrast: float = 0.1, saturation: float = 0.1) -> None:
+        for name, amount in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if not 0.0 <= amount < 1.0:
+                raise ValueError(f"data.color_jitter.{name}={amount} must be in [0, 1)")
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+        self.amounts = ((ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
+                        (ImageEnhance.Color, saturation))
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
+        for enhancer, amount in self.amounts:
+            factor = rng.uniform(1.0 - amount, 1.0 + amount)
+            if amount > 0:
+                image = enhancer(image).enhance(factor)
+        return image
+
+    def __repr__(self) -> str:
+        return f"ColorJitter(brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation})"
 
 
 class ImageTransform:
-    """Resize the shorter side, crop (center or random), optionally flip, and normalize to [-1, 1].
+    """Resize to cover the target, crop (center or random), optionally flip and jitter colors, normalize to [-1, 1].
 
-    ``rng`` decides random crops and flips, so a caller that seeds it per sample gets reproducible
+    The target is ``resolution`` square, or the ``size`` (width, height) of an aspect-ratio bucket.
+    ``rng`` decides random crops, flips and jitter, so a caller that seeds it per sample gets reproducible
     augmentation that does not depend on worker count.
     """
 
@@ -22,6 +54,7 @@ class ImageTransform:
         center_crop: bool = True,
         random_flip: bool = False,
         resample: str = "bicubic",
+        color_jitter: ColorJitter | None = None,
     ) -> None:
         if resolution < 8:
             raise ValueError(f"data.resolution must be at least 8, got {resolution}")
@@ -29,25 +62,81 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.resample = Image.Resampling[resample.upper()]
+        self.color_jitter = color_jitter
 
-    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
         rng = rng or random.Random(0)
         image = image.convert("RGB")
+        target_w, target_h = size or (self.resolution, self.resolution)
         width, height = image.size
-        scale = self.resolution / min(width, height)
-        new_size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        scale = max(target_w / width, target_h / height)
+        new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
         if new_size != image.size:
             image = image.resize(new_size, self.resample)
         width, height = image.size
         if self.center_crop:
-            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
+            left, top = (width - target_w) // 2, (height - target_h) // 2
         else:
-            left, top = rng.randint(0, width - self.resolution), rng.randint(0, height - self.resolution)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            left, top = rng.randint(0, width - target_w), rng.randint(0, height - target_h)
+        image = image.crop((left, top, left + target_w, top + target_h))
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.color_jitter is not None:
+            image = self.color_jitter(image, rng)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class CaptionTransform:
+    """The prompt a sample trains with: its text, its class through a template, or the null prompt.
+
+    ``conditioning``: ``text`` (the source's caption), ``class`` (``caption_template`` filled with the item's
+    class name) or ``none`` (always the null prompt, unconditional). ``labeled_fraction`` keeps a condition
+    for a stable share of items, chosen by a hash of the id (independent of the train/validation split);
+    the rest return ``None``, which the dataset turns into the null prompt ``""`` — the same empty prompt
+    that condition dropout trains for classifier-free guidance. ``shuffle_tags`` shuffles comma-separated
+    tags after the first ``keep_tokens`` (as kohya sd-scripts), with the caller's per-sample ``rng``.
+    """
+
+    def __init__(self, conditioning: str = "text", caption_template: str = "{class_name}",
+                 labeled_fraction: float = 1.0, shuffle_tags: bool = False, keep_tokens: int = 0) -> None:
+        if conditioning not in CONDITIONING_MODES:
+            raise ValueError(f"data.conditioning={conditioning!r} must be one of {list(CONDITIONING_MODES)}")
+        if not 0.0 <= labeled_fraction <= 1.0:
+            raise ValueError(f"data.labeled_fraction={labeled_fraction} must be in [0, 1]")
+        if keep_tokens < 0:
+            raise ValueError(f"data.keep_tokens={keep_tokens} must be >= 0")
+        if "{class_name}" not in caption_template:
+            raise ValueError(f"data.caption_template={caption_template!r} must contain '{{class_name}}'")
+        self.conditioning = conditioning
+        self.caption_template = caption_template
+        self.labeled_fraction = labeled_fraction
+        self.shuffle_tags = shuffle_tags
+        self.keep_tokens = keep_tokens
+
+    def is_labeled(self, item_id: str) -> bool:
+        """Stable per id: the salt differs from the split's, so labeled items are spread over both splits."""
+        return self.labeled_fraction >= 1.0 or split_fraction(item_id, "labeled") < self.labeled_fraction
+
+    def __call__(self, item: SourceItem, rng: random.Random | None = None) -> str | None:
+        if self.conditioning == "none" or not self.is_labeled(item.id):
+            return None
+        if self.conditioning == "class":
+            caption = None if item.label is None else self.caption_template.format(class_name=item.label)
+        else:
+            caption = item.caption
+        if caption is not None and self.shuffle_tags and rng is not None:
+            caption = shuffle_tags(caption, rng, self.keep_tokens)
+        return caption
+
+
+def shuffle_tags(caption: str, rng: random.Random, keep_tokens: int = 0) -> str:
+    """Shuffle the comma-separated tags of ``caption``, keeping the first ``keep_tokens`` in place."""
+    tags: Sequence[str] = [t.strip() for t in caption.split(",") if t.strip()]
+    kept, rest = list(tags[:keep_tokens]), list(tags[keep_tokens:])
+    rng.shuffle(rest)
+    return ", ".join(kept + rest)
 
 
 def to_pil_images(pixel_values: torch.Tensor) -> list[Image.Image]:

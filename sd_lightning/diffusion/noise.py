@@ -1,4 +1,8 @@
-"""Noise samplers for the forward process; each draws from a caller-supplied generator (exact resume)."""
+"""Noise samplers for the forward process; each draws from a caller-supplied generator (exact resume).
+
+Draws are made on the CPU with ``torch.randn(shape, generator=generator)`` so a seed gives the same noise on
+every device; composite noises are summed in float32 and cast to the latents' dtype and device at the end.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,26 @@ import torch.nn.functional as F
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator).to(like)
+    """Float32 N(0, 1) on ``like``'s device, drawn on the CPU generator."""
+    return torch.randn(shape, generator=generator).to(like.device)
 
 
 class GaussianNoise:
-    """ε ~ N(0, I): the DDPM forward process."""
+    """ε ~ N(0, I): the DDPM forward process (the default)."""
 
     def __call__(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return _randn(tuple(latents.shape), generator, latents)
+        return torch.randn(tuple(latents.shape), generator=generator).to(latents)
 
     def __repr__(self) -> str:
         return "GaussianNoise()"
 
 
 class OffsetNoise:
-    """ε + offset · δ with δ ~ N(0, 1) per (sample, channel) (Guttenberg 2023).
+    """ε + offset · δ, δ ~ N(0, 1) per (sample, channel), broadcast over H, W (Guttenberg 2023).
 
-    Plain noise never changes an image's mean much at high SNR, so models learn to keep every image's
-    overall brightness near mid-gray; a shared per-channel offset teaches them to move it.
+    Plain noise barely changes an image's mean, so at high SNR the model never learns to move the overall
+    brightness and samples stay near mid-gray; a shared per-channel shift teaches it to. Each channel's
+    spatial mean then has variance offset² + 1/(H·W) instead of 1/(H·W).
     """
 
     def __init__(self, offset: float = 0.1) -> None:
@@ -35,44 +41,56 @@ class OffsetNoise:
     def __call__(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = _randn(tuple(latents.shape), generator, latents)
         shift = _randn((latents.shape[0], latents.shape[1]) + (1,) * (latents.ndim - 2), generator, latents)
-        return noise + self.offset * shift
+        return (noise + self.offset * shift).to(latents)
 
     def __repr__(self) -> str:
         return f"OffsetNoise(offset={self.offset})"
 
 
 class PyramidNoise:
-    """Multi-resolution noise (Whitaker 2023): Σ_i discount^i · upsample(N(0, I) at size / 2^i), renormalized.
+    """Multi-resolution noise (Whitaker 2023): Σ_{i=0..L} discount^i · up(N(0, I) at (H, W) / 2^i), unit std.
 
-    Adds low-frequency components that plain per-pixel noise lacks, so coarse structure is noised too.
+    Per-pixel noise leaves coarse structure almost intact at moderate noise levels; adding bilinearly
+    upsampled low-resolution noise destroys it too. Level 0 is the full-resolution noise; ``levels`` = L
+    defaults to floor(log2(min(H, W))), i.e. down to ~1 pixel. Scales halve per level (Whitaker draws a random
+    factor in [2, 4); a fixed 2 keeps the spectrum reproducible). The sum is renormalized to unit std per
+    sample so the forward process keeps its variance.
     """
 
     def __init__(self, discount: float = 0.8, levels: int | None = None) -> None:
         if not 0.0 < discount < 1.0:
             raise ValueError(f"noise.sampler.discount must be in (0, 1), got {discount}")
+        if levels is not None and levels < 0:
+            raise ValueError(f"noise.sampler.levels must be >= 0 or null, got {levels}")
         self.discount = discount
         self.levels = levels
 
     def __call__(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if latents.ndim != 4:
+            raise ValueError(f"PyramidNoise needs [B, C, H, W] latents, got shape {tuple(latents.shape)}")
         batch, channels, height, width = latents.shape
         noise = _randn(tuple(latents.shape), generator, latents)
-        max_levels = max(int(torch.log2(torch.tensor(min(height, width))).item()), 0)
+        max_levels = max(min(height, width).bit_length() - 1, 0)
         levels = max_levels if self.levels is None else min(self.levels, max_levels)
         for level in range(1, levels + 1):
             size = (max(height // 2**level, 1), max(width // 2**level, 1))
             low = _randn((batch, channels, *size), generator, latents)
-            noise = noise + self.discount**level * F.interpolate(low, size=(height, width), mode="bilinear",
-                                                                 align_corners=False)
-        return noise / noise.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+            upsampled = F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+            noise = noise + self.discount**level * upsampled
+        std = noise.flatten(1).std(dim=1).clamp_min(1e-12)
+        return (noise / std.view(-1, 1, 1, 1)).to(latents)
 
     def __repr__(self) -> str:
         return f"PyramidNoise(discount={self.discount}, levels={self.levels})"
 
 
 class InputPerturbation:
-    """Input perturbation (Ning et al. 2023, eq. 9): the *noised input* uses ε + γ·ξ, the *target* keeps ε.
+    """Input perturbation (Ning et al. 2023, DDPM-IP): perturbed noise ε' = ε + γ·ξ, ξ ~ N(0, I).
 
-    Simulates at training time the prediction errors that accumulate during sampling (exposure bias).
+    Contract: the *noised input* is built from the returned ε' (x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε'), while
+    the *target* keeps the original ε (or the v/x0 computed from it); the input tensor is not modified. The
+    mismatch simulates at training time the prediction errors that accumulate during sampling (exposure
+    bias); the paper uses γ = 0.1.
     """
 
     def __init__(self, gamma: float = 0.1) -> None:
@@ -81,7 +99,7 @@ class InputPerturbation:
         self.gamma = gamma
 
     def __call__(self, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return noise + self.gamma * _randn(tuple(noise.shape), generator, noise)
+        return (noise.float() + self.gamma * _randn(tuple(noise.shape), generator, noise)).to(noise)
 
     def __repr__(self) -> str:
         return f"InputPerturbation(gamma={self.gamma})"

@@ -24,9 +24,15 @@ class UniformTimestepSampler:
 
 
 class LogitNormalTimestepSampler:
-    """t = T · sigmoid(u), u ~ N(mean, std) (Esser et al. 2024, sec. 3.1): more weight on middle noise levels."""
+    """t = floor(T · sigmoid(u)), u ~ N(mean, std), clamped to [0, T - 1] (Esser et al. 2024, sec. 3.1).
+
+    The logit-normal density puts more training on middle noise levels, where the prediction task is hardest;
+    ``mean`` > 0 shifts it toward noisier steps, ``std`` widens it. The median timestep is T · sigmoid(mean).
+    """
 
     def __init__(self, num_train_timesteps: int = 1000, mean: float = 0.0, std: float = 1.0) -> None:
+        if num_train_timesteps < 1:
+            raise ValueError(f"noise.timestep_sampler.num_train_timesteps must be >= 1, got {num_train_timesteps}")
         if std <= 0:
             raise ValueError(f"noise.timestep_sampler.std must be positive, got {std}")
         self.num_train_timesteps = num_train_timesteps
@@ -34,8 +40,9 @@ class LogitNormalTimestepSampler:
 
     def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         u = torch.randn(batch_size, generator=generator) * self.std + self.mean
-        t = (torch.sigmoid(u) * self.num_train_timesteps).long()
-        return t.clamp(0, self.num_train_timesteps - 1)
+        t = torch.floor(torch.sigmoid(u) * self.num_train_timesteps).long()
+        return t.clamp(0, self.num_train_timesteps - 1)  # sigmoid(u) rounds to 1.0 for large u
 
     def __repr__(self) -> str:
-        return f"LogitNormalTimestepSampler(mean={self.mean}, std={self.std})"
+        return (f"LogitNormalTimestepSampler(num_train_timesteps={self.num_train_timesteps}, "
+                f"mean={self.mean}, std={self.std})")

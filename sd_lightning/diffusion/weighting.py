@@ -48,9 +48,10 @@ class MinSnrWeighting:
 def _for_objective(epsilon_weight: torch.Tensor, ratio: torch.Tensor, objective: Objective) -> torch.Tensor:
     """Re-express a weight defined on the ε-MSE for the objective's own target.
 
-    At a fixed x_t, ||v̂ - v||² = (SNR + 1)/SNR · ||ε̂ - ε||² and ||x̂0 - x0||² = ||ε̂ - ε||² / SNR, so the same
-    effective weight w on the ε error is w·SNR/(SNR + 1) on a v loss and w·SNR on an x0 loss (this is how
-    Min-SNR-γ's min(SNR, γ)/SNR becomes min(SNR, γ)/(SNR + 1) for v-prediction).
+    At a fixed x_t, v̂ - v = (ε̂ - ε)/sqrt(ᾱ_t) and x̂0 - x0 = -(ε̂ - ε)/sqrt(SNR), so
+    ||v̂ - v||² = (SNR + 1)/SNR · ||ε̂ - ε||² and ||x̂0 - x0||² = ||ε̂ - ε||² / SNR. The same effective weight w
+    on the ε error is therefore w·SNR/(SNR + 1) on a v loss and w·SNR on an x0 loss (this is how Min-SNR-γ's
+    min(SNR, γ)/SNR becomes min(SNR, γ)/(SNR + 1) for v-prediction).
     """
     if objective.prediction_type == "v_prediction":
         return epsilon_weight * ratio / (ratio + 1)
@@ -60,31 +61,50 @@ def _for_objective(epsilon_weight: torch.Tensor, ratio: torch.Tensor, objective:
 
 
 class DebiasedEstimationWeighting:
-    """Debiased estimation (Yu et al. 2024): weight 1/sqrt(SNR) on the ε-MSE, capped at ``max_weight``.
+    """Debiased estimation loss (Yu et al. 2024, "Unmasking Bias in Diffusion Model Training"): 1/sqrt(SNR) on ε.
 
     Down-weights low-noise steps, whose ε-loss otherwise dominates training with little effect on samples.
+    Per objective (see ``_for_objective``): ε-target 1/sqrt(SNR); v-target 1/sqrt(SNR) · SNR/(SNR + 1) =
+    sqrt(SNR)/(SNR + 1); x0-target sqrt(SNR). ``max_weight`` caps the ε-weight 1/sqrt(SNR) *before* that
+    conversion (it is infinite at a zero-terminal-SNR step), so all objectives keep one effective weight;
+    ``None`` disables the cap.
     """
 
-    def __init__(self, max_weight: float = 1000.0) -> None:
+    def __init__(self, max_weight: float | None = 1000.0) -> None:
+        if max_weight is not None and max_weight <= 0:
+            raise ValueError(f"weighting.max_weight must be positive or null, got {max_weight}")
         self.max_weight = max_weight
 
     def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
         ratio = snr(alphas_cumprod, timesteps)
-        return _for_objective((1.0 / ratio.sqrt()).clamp(max=self.max_weight), ratio, objective)
+        epsilon_weight = ratio.rsqrt()
+        if self.max_weight is not None:
+            epsilon_weight = epsilon_weight.clamp(max=self.max_weight)
+        return _for_objective(epsilon_weight, ratio, objective)
 
     def __repr__(self) -> str:
         return f"DebiasedEstimationWeighting(max_weight={self.max_weight})"
 
 
 class P2Weighting:
-    """Perception-prioritized weighting (Choi et al. 2022, eq. 8): 1 / (k + SNR)^γ on the ε-MSE."""
+    """Perception-prioritized weighting (Choi et al. 2022, eq. 8): λ'_t = 1 / (k + SNR)^γ on the ε-MSE.
+
+    Puts less weight on the low-noise steps that only refine imperceptible detail; k keeps the weight finite
+    as SNR → 0 and γ sets how strongly high-SNR steps are suppressed (γ = 0 is uniform). The paper defines it
+    for the ε-MSE (L_simple); other targets get the conversion Min-SNR-γ uses (see ``_for_objective``):
+    v-target SNR / ((k + SNR)^γ (SNR + 1)), x0-target SNR / (k + SNR)^γ.
+    """
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0) -> None:
+        if k <= 0:
+            raise ValueError(f"weighting.k must be positive, got {k}")
+        if gamma < 0:
+            raise ValueError(f"weighting.gamma must be >= 0, got {gamma}")
         self.k, self.gamma = k, gamma
 
     def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
         ratio = snr(alphas_cumprod, timesteps)
-        return _for_objective(1.0 / (self.k + ratio) ** self.gamma, ratio, objective)
+        return _for_objective((self.k + ratio).pow(-self.gamma), ratio, objective)
 
     def __repr__(self) -> str:
         return f"P2Weighting(k={self.k}, gamma={self.gamma})"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torchmetrics import MeanSquaredError
-from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from sd_lightning.data.split import stable_seed
 from sd_lightning.models.discriminator import (
@@ -59,6 +59,7 @@ class AutoencoderModule(L.LightningModule):
         self.seed = seed
         self.val_mse = MeanSquaredError().set_dtype(torch.float64)
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0).set_dtype(torch.float64)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0).set_dtype(torch.float64)
         self.save_hyperparameters({"l1_weight": l1_weight, "mse_weight": mse_weight, "kl_weight": kl_weight, "seed": seed,
                                    "adversarial": discriminator is not None, "disc_weight": disc_weight,
                                    "disc_start_step": disc_start_step, "perceptual": perceptual is not None})
@@ -148,11 +149,14 @@ class AutoencoderModule(L.LightningModule):
         reconstruction, _ = self(pixel_values)
         self.val_mse.update(reconstruction.double().flatten(), pixel_values.double().flatten())
         self.val_psnr.update(reconstruction.double().clamp(-1, 1), pixel_values.double())
+        self.val_ssim.update(reconstruction.double().clamp(-1, 1), pixel_values.double())
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/mse": self.val_mse.compute().float(), "val/psnr": self.val_psnr.compute().float()})
+        self.log_dict({"val/mse": self.val_mse.compute().float(), "val/psnr": self.val_psnr.compute().float(),
+                       "val/ssim": self.val_ssim.compute().float()})
         self.val_mse.reset()
         self.val_psnr.reset()
+        self.val_ssim.reset()
 
     @torch.no_grad()
     def compute_scaling_factor(self, batches: Iterable[dict[str, Any]], max_batches: int | None = None) -> float:

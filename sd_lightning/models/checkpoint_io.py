@@ -52,6 +52,11 @@ def component_record(module: LatentDiffusionModule) -> dict[str, Any]:
         "sampling": dict(module.sampling),
         "train_text_encoder": module.train_text_encoder,
         "run_config": getattr(module, "run_config", None),
+        # LoRA runs: the adapter settings (state_dict keys are peft's) and the base folder they adapt.
+        "lora": None if getattr(module, "lora", None) is None else module.lora.to_dict(),
+        "base_path": str(Path(module.hparams["path"]).expanduser().resolve()) if module.hparams.get("path") else None,
+        # True: state_dict holds the trained (adapter) weights only; the frozen base is reread from base_path.
+        "adapters_only": bool(getattr(module, "adapters_only_checkpoints", False)),
     }
 
 
@@ -96,9 +101,17 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[
     record = checkpoint.get(RECORD_KEY)
     if record is None or "unet_config" not in record:
         raise CheckpointError(f"ckpt_path={path} was not written by a sd_lightning LatentDiffusionModule")
-    unet = UNet2DConditionModel.from_config(record["unet_config"])
-    vae = AutoencoderKL.from_config(record["vae_config"])
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(record["text_encoder_config"]))
+    adapters_only = bool(record.get("adapters_only"))
+    if adapters_only:
+        unet, vae, text_encoder = _base_model(path, record.get("base_path"))
+    else:
+        unet = UNet2DConditionModel.from_config(record["unet_config"])
+        vae = AutoencoderKL.from_config(record["vae_config"])
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(record["text_encoder_config"]))
+    if record.get("lora"):
+        from sd_lightning.models.lora import LoraSpec, inject_lora
+
+        inject_lora(unet, text_encoder, LoraSpec(**record["lora"]))
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in record["tokenizer_files"].items():
             (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
@@ -106,6 +119,10 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[
     state = checkpoint["state_dict"]
     for prefix, module in (("unet.", unet), ("vae.", vae), ("text_encoder.", text_encoder)):
         result = module.load_state_dict(_submodule_state(state, prefix), strict=False)
+        fully_trained = prefix == "text_encoder." and record.get("train_text_encoder") and not (
+            record.get("lora") or {}).get("text_encoder")
+        if adapters_only and not fully_trained:  # the base came from base_path: only adapters must be present
+            result.missing_keys[:] = [k for k in result.missing_keys if ".lora_" in k]
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(
                 f"ckpt_path={path}: {prefix[:-1]} weights do not match its config "
@@ -122,6 +139,21 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[
         noise_scheduler=DDPMScheduler.from_config(record["scheduler_config"]),
     )
     return components, dict(record["sampling"])
+
+
+def _base_model(path: str | Path, base_path: str | None) -> tuple[Any, Any, Any]:
+    """The frozen base of an adapters-only LoRA checkpoint, from the folder it was trained on."""
+    from sd_lightning.models.builders import MissingModelError, load_pretrained_components
+
+    try:
+        base = load_pretrained_components(base_path or "")
+    except (MissingModelError, OSError) as err:
+        raise CheckpointError(
+            f"ckpt_path={path} holds LoRA adapters only and needs its base model folder {base_path}, which cannot be "
+            f"read ({err}). Restore that folder, or train with model.lora.save_base_weights=true for "
+            "self-contained checkpoints."
+        ) from err
+    return base.unet, base.vae, base.text_encoder
 
 
 def pipeline_from_components(components: DiffusionComponents, scheduler: Any) -> StableDiffusionPipeline:

@@ -22,8 +22,9 @@ from sd_lightning.diffusion.timesteps import UniformTimestepSampler
 from sd_lightning.diffusion.weighting import UniformWeighting
 from sd_lightning.models.builders import DiffusionComponents
 from sd_lightning.models.checkpoint_io import RECORD_KEY, component_record, pipeline_from_components
+from sd_lightning.models.lora import LoraSpec, inject_lora
 from sd_lightning.optim import configure_optimization
-from sd_lightning.optim.schedules import split_weight_decay
+from sd_lightning.optim.optimizers import split_weight_decay
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,13 @@ class LatentDiffusionModule(L.LightningModule):
         exclude_from_weight_decay: bool = False,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
+        lora: LoraSpec | None = None,
     ) -> None:
-        """``path`` records the pretrained folder the components came from (``model=pretrained``)."""
+        """``path`` records the pretrained folder the components came from (``model=pretrained``).
+
+        ``lora`` trains peft LoRA adapters instead of the UNet (and, with ``lora.text_encoder``, of the text
+        encoder): the base weights are frozen, and only the adapters reach the optimizer and EMA.
+        """
         super().__init__()
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"model.cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
@@ -109,7 +115,9 @@ class LatentDiffusionModule(L.LightningModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.cond_drop_prob = cond_drop_prob
-        self.train_text_encoder = train_text_encoder
+        self.lora = lora
+        # Text-encoder adapters are trained weights: the encoder runs in train mode and is not memoized.
+        self.train_text_encoder = train_text_encoder or bool(lora and lora.text_encoder)
         self.val_timesteps = tuple(int(t) for t in val_timesteps)
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.seed = seed
@@ -118,6 +126,11 @@ class LatentDiffusionModule(L.LightningModule):
         self._checked_prompts: set[str] = set()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         self._freeze()
+        if lora is not None:
+            inject_lora(self.unet, self.text_encoder, lora)
+        # LoRA on a pretrained folder: checkpoints hold the adapters only, the frozen base is reread from ``path``.
+        self.adapters_only_checkpoints = lora is not None and path is not None and not lora.save_base_weights
+        self.strict_loading = not self.adapters_only_checkpoints
         self.val_metrics = _float64_collection("val/")
         self.val_sample_metrics = MetricCollection({"x0_mse": MeanSquaredError()}, prefix="val/").set_dtype(torch.float64)
         self.val_timestep_metrics = torch.nn.ModuleDict(
@@ -135,7 +148,8 @@ class LatentDiffusionModule(L.LightningModule):
                 "gradient_checkpointing": gradient_checkpointing,
                 "attention": attention,
                 "cond_drop_prob": cond_drop_prob,
-                "train_text_encoder": train_text_encoder,
+                "train_text_encoder": self.train_text_encoder,
+                "lora": None if lora is None else lora.to_dict(),
                 "val_timesteps": list(self.val_timesteps),
                 "sampling": dict(self.sampling),
                 "seed": seed,
@@ -158,6 +172,16 @@ class LatentDiffusionModule(L.LightningModule):
             self.text_encoder.eval()
         return self
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """All weights, or only the trained ones with ``adapters_only_checkpoints`` (what a checkpoint then holds)."""
+        state = super().state_dict(*args, **kwargs)
+        if getattr(self, "adapters_only_checkpoints", False):
+            prefix = kwargs.get("prefix", "")
+            trained = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in trained]:
+                del state[key]
+        return state
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = list(self.unet.parameters())
         if self.train_text_encoder:
@@ -179,6 +203,30 @@ class LatentDiffusionModule(L.LightningModule):
                 eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
                 latents = posterior.mean + posterior.std * eps
         return latents * self.latent_scale
+
+    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """``encode_images`` of the batch's pixels, or, for a ``data.cache`` batch, the same from its stored posterior.
+
+        A cached batch carries the unscaled posterior mean (``latents``) and ``latents_std`` and never calls the
+        VAE; the sample is drawn as ``encode_images`` draws it, so both give the same latents for one generator.
+        """
+        if "latents" not in batch:
+            return self.encode_images(batch["pixel_values"], generator)
+        latents = batch["latents"]
+        if generator is not None:
+            eps = torch.randn(latents.shape, generator=generator).to(latents)
+            latents = latents + batch["latents_std"] * eps
+        return latents * self.latent_scale
+
+    def batch_hidden_states(self, batch: dict[str, Any], prompts: Sequence[str]) -> torch.Tensor:
+        """``encode_prompts(prompts)``; a cached batch carries the states of its prompts and of the null prompt."""
+        if "encoder_hidden_states" not in batch:
+            return self.encode_prompts(prompts)
+        if self.train_text_encoder:
+            raise ValueError("data.cache holds frozen text-encoder outputs, but the text encoder trains "
+                             "(model.train_text_encoder / model.lora.text_encoder): set data.cache=null")
+        dropped = torch.tensor([p == "" for p in prompts], device=batch["encoder_hidden_states"].device)
+        return torch.where(dropped[:, None, None], batch["null_encoder_hidden_states"], batch["encoder_hidden_states"])
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids padded to the text encoder's length; prompts longer than that are cut with a warning."""
@@ -232,9 +280,9 @@ class LatentDiffusionModule(L.LightningModule):
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """Per-sample weighted loss [B] for one batch."""
-        latents = self.encode_images(batch["pixel_values"], generator)
+        latents = self.batch_latents(batch, generator)
         prompts = self.drop_conditions(batch["prompt"], generator)
-        encoder_hidden_states = self.encode_prompts(prompts)
+        encoder_hidden_states = self.batch_hidden_states(batch, prompts)
         noise = self.noise_sampler(latents, generator)
         timesteps = self.timestep_sampler(latents.shape[0], generator).to(self.device)
         input_noise = noise if self.input_perturbation is None else self.input_perturbation(noise, generator)
@@ -248,11 +296,16 @@ class LatentDiffusionModule(L.LightningModule):
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
 
+    @staticmethod
+    def batch_size(batch: dict[str, Any]) -> int:
+        """Images in a batch of pixels or of cached latents (0 when every image was unreadable)."""
+        return (batch["latents"] if "latents" in batch else batch["pixel_values"]).shape[0]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if batch["pixel_values"].shape[0] == 0:
+        if self.batch_size(batch) == 0:
             return None
         loss = self.diffusion_loss(batch, self.step_generator(batch_idx)).mean()
-        batch_size = batch["pixel_values"].shape[0]
+        batch_size = self.batch_size(batch)
         if not torch.isfinite(loss):
             return None  # NonFiniteGuardCallback counts the skipped step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -267,10 +320,10 @@ class LatentDiffusionModule(L.LightningModule):
         return torch.stack(noises).to(self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if batch["pixel_values"].shape[0] == 0:
+        if self.batch_size(batch) == 0:
             return
-        latents = self.encode_images(batch["pixel_values"])
-        encoder_hidden_states = self.encode_prompts(batch["prompt"])
+        latents = self.batch_latents(batch)
+        encoder_hidden_states = self.batch_hidden_states(batch, batch["prompt"])
         noise_all = self.validation_noise(batch["id"], (len(self.val_timesteps), *latents.shape[1:]))
         for index, t in enumerate(self.val_timesteps):
             noise = noise_all[:, index]

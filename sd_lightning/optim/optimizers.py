@@ -8,6 +8,29 @@ from typing import Any
 import torch
 
 
+def split_weight_decay(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups: weight matrices / kernels decayed, biases and normalization scales not.
+
+    Decaying a bias or a norm's scale only drags it towards zero (a norm's scale towards a dead layer)
+    without regularizing any interaction, so 1-D tensors and anything named ``norm`` (LayerNorm/GroupNorm,
+    diffusers' ``norm1``, ``conv_norm_out``) go to a ``weight_decay=0`` group. The decayed group takes
+    ``weight_decay`` when given, else the optimizer's own default. Frozen parameters never get a gradient
+    and are left out; empty groups are dropped.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or "norm" in name.lower() else decay).append(param)
+    decayed: dict[str, Any] = {"params": decay}
+    if weight_decay is not None:
+        decayed["weight_decay"] = weight_decay
+    return [group for group in (decayed, {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
+
+
 def build_lion(params: Iterable[Any], lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.99),
                weight_decay: float = 0.1) -> torch.optim.Optimizer:
     """Lion (Chen et al. 2023, lion-pytorch): sign updates; use ~3-10x smaller lr and larger decay than AdamW."""
@@ -18,7 +41,13 @@ def build_lion(params: Iterable[Any], lr: float = 2e-4, betas: tuple[float, floa
 
 def build_prodigy(params: Iterable[Any], lr: float = 1.0, weight_decay: float = 0.01, d_coef: float = 1.0,
                   safeguard_warmup: bool = True) -> torch.optim.Optimizer:
-    """Prodigy (Mishchenko & Defazio 2023, prodigyopt): estimates the step size itself, so lr stays ≈ 1."""
+    """Prodigy (Mishchenko & Defazio 2023, prodigyopt): an Adam that estimates its own step size.
+
+    The effective step is ``lr * d`` where ``d`` is Prodigy's running estimate of the distance to the
+    solution, so ``lr`` is a dimensionless multiplier: 1.0 trusts the estimate (the recommended setting),
+    0.5 halves it. Setting it to an AdamW-style 1e-3 would shrink every step a thousandfold.
+    ``safeguard_warmup`` keeps ``d`` from overshooting while an LR warmup holds ``lr`` small.
+    """
     from prodigyopt import Prodigy
 
     return Prodigy(params, lr=lr, weight_decay=weight_decay, d_coef=d_coef, safeguard_warmup=safeguard_warmup)
@@ -26,8 +55,12 @@ def build_prodigy(params: Iterable[Any], lr: float = 1.0, weight_decay: float = 
 
 def build_schedule_free_adamw(params: Iterable[Any], lr: float = 2e-3, warmup_steps: int = 100,
                               weight_decay: float = 0.01) -> torch.optim.Optimizer:
-    """Schedule-free AdamW (Defazio et al. 2024, schedulefree): no LR schedule; needs train()/eval() switching,
-    which ``ScheduleFreeModeCallback`` does with the module."""
+    """Schedule-free AdamW (Defazio et al. 2024, schedulefree): iterate averaging replaces the LR schedule.
+
+    Use it without a schedule (``configure_optimization`` drops one). In train mode the parameters hold the
+    point where gradients are taken, in eval mode the averaged weights worth evaluating and saving, so the
+    optimizer must follow the module's mode: ``ScheduleFreeModeCallback`` switches it.
+    """
     from schedulefree import AdamWScheduleFree
 
     return AdamWScheduleFree(params, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay)
@@ -52,5 +85,8 @@ def build_adamw_8bit(params: Iterable[Any], lr: float = 2e-3, weight_decay: floa
     try:
         import bitsandbytes as bnb
     except ImportError as err:
-        raise RuntimeError("optimizer=adamw_8bit needs `pip install bitsandbytes`; or use optimizer=adamw") from err
+        raise RuntimeError(
+            "optimizer=adamw_8bit needs bitsandbytes (`pip install bitsandbytes`, CUDA builds only), which is "
+            "not importable here; use optimizer=adamw"
+        ) from err
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)

@@ -30,17 +30,6 @@ def build_lr_scheduler(
     return get_scheduler(name, optimizer, **kwargs)
 
 
-def split_weight_decay(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
-    """Two parameter groups: weights (decayed) and biases/normalization scales (``weight_decay=0``).
-
-    Decaying a bias or a norm's scale only pulls it towards zero without regularizing any interaction.
-    """
-    decay, no_decay = [], []
-    for name, parameter in named_parameters:
-        (no_decay if parameter.ndim <= 1 or "norm" in name.lower() else decay).append(parameter)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def configure_optimization(
     optimizer_factory: Callable[..., torch.optim.Optimizer],
     lr_scheduler_factory: Callable[..., Any] | None,

@@ -10,86 +10,205 @@ from sd_lightning.diffusion.noise import GaussianNoise, InputPerturbation, Offse
 from sd_lightning.diffusion.objectives import EpsilonObjective, SampleObjective, VPredictionObjective
 from sd_lightning.diffusion.schedules import build_noise_scheduler
 from sd_lightning.diffusion.timesteps import LogitNormalTimestepSampler, UniformTimestepSampler
-from sd_lightning.diffusion.weighting import DebiasedEstimationWeighting, MinSnrWeighting, P2Weighting, snr
+from sd_lightning.diffusion.weighting import DebiasedEstimationWeighting, MinSnrWeighting, P2Weighting
 
 ALPHAS = build_noise_scheduler().alphas_cumprod
 LATENTS = torch.zeros(512, 4, 16, 16)
+# ᾱ = 0.8, 0.5, 0.2 → SNR = ᾱ/(1 - ᾱ) = 4, 1, 1/4 exactly: weights below are worked out by hand.
+TOY_ALPHAS = torch.tensor([0.8, 0.5, 0.2])
+TOY_T = torch.tensor([0, 1, 2])
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("sampler", [GaussianNoise(), OffsetNoise(0.3), PyramidNoise(0.8)])
+# ------------------------------------------------------------------------------------------------ noise
+@pytest.mark.parametrize("sampler", [GaussianNoise(), OffsetNoise(0.3), PyramidNoise(0.8), PyramidNoise(0.5, 2)])
 def test_noise_is_deterministic_and_shaped(sampler):
-    a, b = sampler(LATENTS[:4], _gen(1)), sampler(LATENTS[:4], _gen(1))
-    assert a.shape == LATENTS[:4].shape and torch.equal(a, b)
-    assert not torch.equal(a, sampler(LATENTS[:4], _gen(2)))
+    latents = torch.zeros(4, 4, 12, 20, dtype=torch.float64)  # non-square, non-power-of-two, other dtype
+    a, b = sampler(latents, _gen(1)), sampler(latents, _gen(1))
+    assert a.shape == latents.shape and a.dtype == latents.dtype and torch.equal(a, b)
+    assert not torch.equal(a, sampler(latents, _gen(2)))
+    assert repr(sampler).startswith(type(sampler).__name__ + "(")
+
+
+def test_gaussian_noise_is_standard_normal_per_channel():
+    noise = GaussianNoise()(LATENTS, _gen())
+    per_channel = noise.transpose(0, 1).flatten(1)  # [C, B·H·W], 131072 draws each
+    assert per_channel.mean(dim=1).abs().max().item() < 0.01
+    assert torch.allclose(per_channel.std(dim=1), torch.ones(4), atol=0.01)
+    assert torch.equal(noise, torch.randn(LATENTS.shape, generator=_gen()))  # exactly the plain draw
 
 
 def test_offset_noise_adds_per_channel_variance():
     offset = 0.3
     noise = OffsetNoise(offset)(LATENTS, _gen())
-    channel_means = noise.mean(dim=(2, 3))
+    channel_means = noise.mean(dim=(2, 3))  # [B, C]
     # Var of a per-channel mean: offset² (shared shift) + 1/(H·W) (pixel noise).
     assert channel_means.var().item() == pytest.approx(offset**2 + 1 / 256, rel=0.15)
     plain = GaussianNoise()(LATENTS, _gen()).mean(dim=(2, 3)).var().item()
     assert plain == pytest.approx(1 / 256, rel=0.15)
+    # Overall per-channel statistics: zero mean, variance 1 + offset².
+    per_channel = noise.transpose(0, 1).flatten(1)
+    assert per_channel.mean(dim=1).abs().max().item() < 0.05
+    assert torch.allclose(per_channel.var(dim=1), torch.full((4,), 1 + offset**2), rtol=0.1)
+    # Within one (sample, channel) the shift is constant, so the spatial spread is that of plain noise.
+    assert noise.flatten(2).std(dim=2).mean().item() == pytest.approx(1.0, abs=0.02)
+    assert torch.equal(OffsetNoise(0.0)(LATENTS[:8], _gen()), GaussianNoise()(LATENTS[:8], _gen()))
 
 
 def test_pyramid_noise_has_unit_std_and_more_low_frequencies():
     pyramid = PyramidNoise(0.8)(LATENTS, _gen())
     gaussian = GaussianNoise()(LATENTS, _gen())
-    assert pyramid.flatten(1).std(dim=1).mean().item() == pytest.approx(1.0, abs=1e-4)
-    assert F.avg_pool2d(pyramid, 4).std() > 2 * F.avg_pool2d(gaussian, 4).std()
+    assert torch.allclose(pyramid.flatten(1).std(dim=1), torch.ones(len(LATENTS)), atol=1e-5)  # per sample
+    assert pyramid.mean().abs().item() < 0.05
+    for pool in (2, 4):  # i.i.d. pixels average down to std 1/pool; correlated low frequencies do not
+        assert F.avg_pool2d(gaussian, pool).std().item() == pytest.approx(1 / pool, rel=0.02)
+        assert F.avg_pool2d(pyramid, pool).std() > 1.5 * F.avg_pool2d(gaussian, pool).std()
+    # More levels and a larger discount put more energy into coarse scales.
+    low = PyramidNoise(0.8, levels=1)(LATENTS, _gen())
+    weak = PyramidNoise(0.3)(LATENTS, _gen())
+    assert F.avg_pool2d(low, 4).std() < F.avg_pool2d(pyramid, 4).std()
+    assert F.avg_pool2d(weak, 4).std() < F.avg_pool2d(pyramid, 4).std()
 
 
-def test_input_perturbation_keeps_the_target_noise():
+def test_pyramid_noise_with_zero_levels_is_renormalized_gaussian():
+    plain = GaussianNoise()(LATENTS[:8], _gen())
+    expected = plain / plain.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    assert torch.allclose(PyramidNoise(0.8, levels=0)(LATENTS[:8], _gen()), expected)
+
+
+def test_input_perturbation_perturbs_the_input_noise_only():
     noise = GaussianNoise()(LATENTS[:64], _gen())
+    original = noise.clone()
     perturbed = InputPerturbation(0.1)(noise, _gen(5))
-    assert (perturbed - noise).std().item() == pytest.approx(0.1, rel=0.05)
+    assert torch.equal(noise, original)  # the target still sees the unperturbed ε
+    delta = perturbed - noise
+    assert delta.std().item() == pytest.approx(0.1, rel=0.02) and delta.mean().abs().item() < 0.005
+    assert torch.allclose(delta, 0.1 * torch.randn(noise.shape, generator=_gen(5)), atol=1e-6)  # ε + γ·ξ
+    assert torch.equal(InputPerturbation(0.0)(noise, _gen(5)), noise)
+    # The noised input differs from the clean-noise one, the ε target does not.
+    t = torch.full((64,), 500)
+    scheduler = build_noise_scheduler()
+    latents = torch.randn(noise.shape, generator=_gen(9))
+    assert not torch.allclose(scheduler.add_noise(latents, perturbed, t), scheduler.add_noise(latents, noise, t))
+    assert torch.equal(EpsilonObjective().target(latents, noise, t, ALPHAS), original)
 
 
+# ------------------------------------------------------------------------------------------- timesteps
 def test_logit_normal_timesteps():
     sampler = LogitNormalTimestepSampler(1000, 0.0, 1.0)
     t = sampler(20000, _gen())
+    assert t.dtype == torch.long and t.shape == (20000,)
     assert t.min() >= 0 and t.max() <= 999 and torch.equal(t, sampler(20000, _gen()))
+    assert not torch.equal(t, sampler(20000, _gen(1)))
     assert abs(t.float().median().item() - 500) < 15
     # P(t < 119) = P(u < logit(0.119)) = Φ(-2.0) ≈ 0.0228 for a standard normal u.
     assert (t < 119).float().mean().item() == pytest.approx(0.0228, abs=0.006)
-    ranged = UniformTimestepSampler(1000, 0, 500)(5000, _gen())
-    assert ranged.max() < 500
+    # Middle-heavy: P(250 ≤ t < 750) = P(|u| < ln 3) = 2Φ(1.0986) - 1 ≈ 0.728 (uniform would give 0.5).
+    assert ((t >= 250) & (t < 750)).float().mean().item() == pytest.approx(0.728, abs=0.015)
+    shifted = LogitNormalTimestepSampler(1000, 1.0, 1.0)(20000, _gen())
+    assert abs(shifted.float().median().item() - 1000 * torch.sigmoid(torch.tensor(1.0)).item()) < 15  # ≈ 731
+    extreme = LogitNormalTimestepSampler(1000, 0.0, 50.0)(20000, _gen())  # sigmoid saturates at 0 and 1
+    assert extreme.min() == 0 and extreme.max() == 999
+    assert "num_train_timesteps=1000" in repr(sampler)
+    with pytest.raises(ValueError, match="std"):
+        LogitNormalTimestepSampler(std=0.0)
 
 
-def test_debiased_and_p2_weights_by_hand():
+def test_uniform_timesteps_keep_their_fine_tuning_range():
+    ranged = UniformTimestepSampler(1000, 100, 500)(5000, _gen())
+    assert ranged.min() >= 100 and ranged.max() < 500
+    assert torch.equal(ranged, UniformTimestepSampler(1000, 100, 500)(5000, _gen()))
+
+
+# ------------------------------------------------------------------------------------------- weighting
+def test_debiased_weights_by_hand():
+    debiased = DebiasedEstimationWeighting()
+    # ε: 1/sqrt(SNR) = 1/2, 1, 2.
+    assert torch.allclose(debiased(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.tensor([0.5, 1.0, 2.0]))
+    # v: 1/sqrt(SNR) · SNR/(SNR + 1) = sqrt(SNR)/(SNR + 1) = 2/5, 1/2, (1/2)/(5/4) = 2/5.
+    assert torch.allclose(debiased(TOY_T, TOY_ALPHAS, VPredictionObjective()), torch.tensor([0.4, 0.5, 0.4]))
+    # x0: sqrt(SNR) = 2, 1, 1/2.
+    assert torch.allclose(debiased(TOY_T, TOY_ALPHAS, SampleObjective()), torch.tensor([2.0, 1.0, 0.5]))
+    capped = DebiasedEstimationWeighting(max_weight=1.5)
+    assert torch.allclose(capped(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.tensor([0.5, 1.0, 1.5]))
+    assert torch.allclose(capped(TOY_T, TOY_ALPHAS, VPredictionObjective()), torch.tensor([0.4, 0.5, 1.5 * 0.2]))
+    # On the real schedule.
     t = torch.tensor([20, 500, 950])
     ratio = [float(ALPHAS[i] / (1 - ALPHAS[i])) for i in t]
-    debiased = DebiasedEstimationWeighting()
     assert torch.allclose(debiased(t, ALPHAS, EpsilonObjective()), torch.tensor([1 / math.sqrt(r) for r in ratio]),
                           rtol=1e-5)
     assert torch.allclose(debiased(t, ALPHAS, VPredictionObjective()),
-                          torch.tensor([1 / math.sqrt(r) * r / (r + 1) for r in ratio]), rtol=1e-5)
-    p2 = P2Weighting(k=1.0, gamma=0.5)
-    assert torch.allclose(p2(t, ALPHAS, EpsilonObjective()), torch.tensor([(1 + r) ** -0.5 for r in ratio]), rtol=1e-5)
-    assert torch.allclose(p2(t, ALPHAS, SampleObjective()), torch.tensor([(1 + r) ** -0.5 * r for r in ratio]),
+                          torch.tensor([math.sqrt(r) / (r + 1) for r in ratio]), rtol=1e-5)
+
+
+def test_debiased_weight_stays_finite_at_zero_terminal_snr():
+    alphas = build_noise_scheduler(rescale_betas_zero_snr=True).alphas_cumprod
+    t = torch.tensor([0, 999])
+    eps = DebiasedEstimationWeighting(max_weight=1000.0)(t, alphas, EpsilonObjective())
+    v = DebiasedEstimationWeighting(max_weight=1000.0)(t, alphas, VPredictionObjective())
+    assert eps[1].item() == 1000.0 and v[1].item() == 0.0 and torch.isfinite(v).all()
+    assert torch.isinf(DebiasedEstimationWeighting(max_weight=None)(t, alphas, EpsilonObjective())[1])
+    with pytest.raises(ValueError, match="max_weight"):
+        DebiasedEstimationWeighting(max_weight=0.0)
+
+
+def test_p2_weights_by_hand():
+    p2 = P2Weighting()  # k = 1, γ = 1
+    # ε: 1/(1 + SNR) = 1/5, 1/2, 4/5.
+    assert torch.allclose(p2(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.tensor([0.2, 0.5, 0.8]))
+    # v: SNR/(1 + SNR)² = 4/25, 1/4, (1/4)/(25/16) = 4/25.
+    assert torch.allclose(p2(TOY_T, TOY_ALPHAS, VPredictionObjective()), torch.tensor([0.16, 0.25, 0.16]))
+    # x0: SNR/(1 + SNR) = 4/5, 1/2, 1/5.
+    assert torch.allclose(p2(TOY_T, TOY_ALPHAS, SampleObjective()), torch.tensor([0.8, 0.5, 0.2]))
+    # k = 3, γ = 0.5 on ε: (3 + SNR)^-1/2 = 1/sqrt(7), 1/2, 1/sqrt(3.25).
+    expected = torch.tensor([7**-0.5, 0.5, 3.25**-0.5])
+    assert torch.allclose(P2Weighting(k=3.0, gamma=0.5)(TOY_T, TOY_ALPHAS, EpsilonObjective()), expected)
+    assert torch.equal(P2Weighting(gamma=0.0)(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.ones(3))
+    # On the real schedule.
+    t = torch.tensor([20, 500, 950])
+    ratio = [float(ALPHAS[i] / (1 - ALPHAS[i])) for i in t]
+    assert torch.allclose(p2(t, ALPHAS, EpsilonObjective()), torch.tensor([1 / (1 + r) for r in ratio]), rtol=1e-5)
+    assert torch.allclose(p2(t, ALPHAS, VPredictionObjective()), torch.tensor([r / (1 + r) ** 2 for r in ratio]),
                           rtol=1e-5)
+    with pytest.raises(ValueError, match="k"):
+        P2Weighting(k=0.0)
+    assert repr(p2) == "P2Weighting(k=1.0, gamma=1.0)"
 
 
-def test_min_snr_is_the_same_effective_weight_for_every_objective():
-    """min(SNR, γ)/SNR on ε equals min(SNR, γ)/(SNR+1) on v and min(SNR, γ) on x0 (Hang et al. 2023)."""
-    t = torch.arange(0, 1000, 37)
-    ratio = snr(ALPHAS, t)
-    w = MinSnrWeighting(5.0)
-    eps, v, x0 = (w(t, ALPHAS, o) for o in (EpsilonObjective(), VPredictionObjective(), SampleObjective()))
-    assert torch.allclose(v * (ratio + 1) / ratio, eps, rtol=1e-4)
-    assert torch.allclose(x0 / ratio, eps, rtol=1e-4)
+@pytest.mark.parametrize("weighting", [MinSnrWeighting(5.0), DebiasedEstimationWeighting(), P2Weighting(1.0, 0.5)])
+def test_every_objective_gets_the_same_effective_weight(weighting):
+    """A prediction error δ in ε is δ/sqrt(ᾱ) in v and -δ/sqrt(SNR) in x0 at a fixed x_t; weighted losses agree."""
+    generator = _gen(3)
+    latents, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    eps_hat = noise + 0.1 * torch.randn(4, 4, 8, 8, generator=generator)
+    t = torch.tensor([50, 300, 600, 900])
+    noisy = build_noise_scheduler().add_noise(latents, noise, t)
+    sqrt_ab = ALPHAS[t].sqrt().view(-1, 1, 1, 1)
+    sqrt_1mab = (1 - ALPHAS[t]).sqrt().view(-1, 1, 1, 1)
+    v_hat = (eps_hat - sqrt_1mab * noisy) / sqrt_ab  # inverts VPredictionObjective.to_epsilon
+    x0_hat = (noisy - sqrt_1mab * eps_hat) / sqrt_ab
+    losses = []
+    for objective, prediction in ((EpsilonObjective(), eps_hat), (VPredictionObjective(), v_hat),
+                                  (SampleObjective(), x0_hat)):
+        target = objective.target(latents, noise, t, ALPHAS)
+        per_sample = (prediction - target).pow(2).flatten(1).mean(dim=1)
+        losses.append(weighting(t, ALPHAS, objective) * per_sample)
+    assert torch.allclose(losses[1], losses[0], rtol=1e-3)
+    assert torch.allclose(losses[2], losses[0], rtol=1e-3)
 
 
-def test_zero_terminal_snr_rescale_matches_lin_et_al_algorithm_1():
-    plain = build_noise_scheduler().alphas_cumprod.double()
-    rescaled = build_noise_scheduler(rescale_betas_zero_snr=True).alphas_cumprod.double()
+# ------------------------------------------------------------------------------------ zero terminal SNR
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
+def test_zero_terminal_snr_rescale_matches_lin_et_al_algorithm_1(beta_schedule):
+    plain = build_noise_scheduler(beta_schedule=beta_schedule).alphas_cumprod.double()
+    rescaled = build_noise_scheduler(beta_schedule=beta_schedule, rescale_betas_zero_snr=True).alphas_cumprod.double()
+    assert plain[-1] > 0 and rescaled[-1].abs() < 1e-9
+    # Algorithm 1: shift sqrt(ᾱ) so the last step is 0, then scale so the first step keeps its value.
     s = plain.sqrt()
-    s0, sT = s[0].clone(), s[-1].clone()
-    expected = ((s - sT) * s0 / (s0 - sT)) ** 2  # Algorithm 1: shift to zero at T, rescale to keep t=0
-    assert rescaled[-1] < 1e-9
-    assert torch.allclose(rescaled[:-1], expected[:-1], rtol=1e-4, atol=1e-7)
+    s0, s_last = s[0].clone(), s[-1].clone()
+    expected = (s - s_last) * s0 / (s0 - s_last)
+    assert torch.allclose(rescaled.sqrt(), expected, rtol=1e-4, atol=1e-6)
+    assert rescaled[0].item() == pytest.approx(plain[0].item(), rel=1e-6)

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from sd_lightning.callbacks.ema import EMACallback
 from sd_lightning.cli.config import CONFIG_DIR
-from sd_lightning.optim.schedules import split_weight_decay
+from sd_lightning.optim.optimizers import split_weight_decay
 
 from conftest import compose_train
 

@@ -1,14 +1,18 @@
 """Every optimizer and LR-schedule option: the named package's class, real updates, correct stepping."""
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sd_lightning.callbacks.ema import EMACallback
 from sd_lightning.callbacks.schedule_free import ScheduleFreeModeCallback
 from sd_lightning.cli.config import CONFIG_DIR
+from sd_lightning.optim.optimizers import build_schedule_free_adamw, split_weight_decay
 from sd_lightning.optim.schedules import build_lr_scheduler, configure_optimization
 
 from conftest import compose_train
@@ -24,32 +28,32 @@ EXPECTED_CLASS = {
 }
 
 
-def _regression_losses(optimizer_factory, steps: int = 30) -> list[float]:
+def _regression_problem() -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     x = torch.randn(64, 8)
-    y = x @ torch.arange(8.0).unsqueeze(1) / 8
-    optimizer = optimizer_factory(params=model.parameters())
-    if hasattr(optimizer, "train"):
-        optimizer.train()
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return model, x, x @ torch.arange(8.0).unsqueeze(1) / 8
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CLASS))
 def test_optimizer_option_is_the_packages_class_and_trains(tmp_path, name):
-    cfg = compose_train(tmp_path / "r", [f"optimizer={name}"])
-    factory = instantiate(cfg.optimizer)
-    optimizer = factory(params=[torch.nn.Parameter(torch.zeros(2))])
+    cfg = compose_train(tmp_path / "run", [f"optimizer={name}"])
+    model, x, y = _regression_problem()
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == EXPECTED_CLASS[name]
-    losses = _regression_losses(factory)
-    assert losses[-1] < 0.99 * losses[0], f"{name}: {losses[0]:.4f} → {losses[-1]:.4f}"
+    if hasattr(optimizer, "train"):
+        optimizer.train()  # schedule-free: step() refuses to run in eval mode
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        initial = torch.nn.functional.mse_loss(model(x), y).item()
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = torch.nn.functional.mse_loss(model(x), y).item()
+    assert not torch.equal(model.weight, before), name
+    assert final < initial, f"{name}: {initial:.6f} → {final:.6f}"
 
 
 def test_every_optimizer_yaml_is_covered():
@@ -57,17 +61,71 @@ def test_every_optimizer_yaml_is_covered():
 
 
 def test_adamw_8bit_explains_itself_without_a_gpu(tmp_path):
-    factory = instantiate(compose_train(tmp_path / "r", ["optimizer=adamw_8bit"]).optimizer)
+    factory = instantiate(compose_train(tmp_path / "run", ["optimizer=adamw_8bit"]).optimizer)
     with pytest.raises(RuntimeError, match="optimizer=adamw"):
         factory(params=[torch.nn.Parameter(torch.zeros(2))])
 
 
+@pytest.mark.parametrize("name", ["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"])
+def test_lr_scheduler_options_build_a_schedule(tmp_path, name):
+    factory = instantiate(compose_train(tmp_path / "run", [f"lr_scheduler={name}"]).lr_scheduler)
+    result = configure_optimization(partial(torch.optim.SGD, lr=0.1), factory,
+                                    [torch.nn.Parameter(torch.zeros(2))], num_training_steps=1000)
+    assert isinstance(result["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.LRScheduler)
+    assert result["lr_scheduler"]["interval"] == "step"
+
+
+def test_lr_scheduler_none_leaves_a_constant_lr(tmp_path):
+    factory = instantiate(compose_train(tmp_path / "run", ["lr_scheduler=none"]).lr_scheduler)
+    result = configure_optimization(partial(torch.optim.SGD, lr=0.1), factory,
+                                    [torch.nn.Parameter(torch.zeros(2))], num_training_steps=1000)
+    assert isinstance(result, torch.optim.SGD)
+
+
+class _Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.group_norm = torch.nn.GroupNorm(2, 4)
+        self.proj = torch.nn.Linear(4, 4)
+        self.ln = torch.nn.LayerNorm(4)  # no "norm" in the name: caught by being 1-D
+        self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+
+
+def test_split_weight_decay_splits_norms_and_biases():
+    module = _Normed()
+    decay, no_decay = split_weight_decay(module.named_parameters(), weight_decay=0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(module.conv.weight), id(module.proj.weight)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(p) for p in (module.conv.bias, module.group_norm.weight, module.group_norm.bias, module.proj.bias,
+                        module.ln.weight, module.ln.bias)
+    }
+    torch.optim.AdamW(split_weight_decay(module.named_parameters(), 0.05))  # valid groups
+
+    decay_default, _ = split_weight_decay(module.named_parameters())
+    assert "weight_decay" not in decay_default  # inherits the optimizer's own default
+    assert torch.optim.AdamW(split_weight_decay(module.named_parameters()), weight_decay=0.3).param_groups[0]["weight_decay"] == 0.3
+
+
+def test_split_weight_decay_catches_2d_norm_weights_by_name():
+    named = [("block.norm_out.weight", torch.nn.Parameter(torch.ones(4, 4))),
+             ("block.to_q.weight", torch.nn.Parameter(torch.ones(4, 4)))]
+    decay, no_decay = split_weight_decay(named, 0.1)
+    assert decay["params"] == [named[1][1]] and no_decay["params"] == [named[0][1]]
+
+
 class _Tiny(L.LightningModule):
+    """A linear layer trained with ``configure_optimization``; records the lr of every optimizer step."""
+
     def __init__(self, schedule: str | None) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(4, 1)
         self.schedule = schedule
         self.lrs: list[float] = []
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.parameters())
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch[0]).pow(2).mean()
@@ -75,12 +133,21 @@ class _Tiny(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
-    def configure_optimizers(self):
-        from functools import partial
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["lrs"] = list(self.lrs)
 
+    def configure_optimizers(self):
         factory = None if self.schedule is None else partial(build_lr_scheduler, name=self.schedule, num_warmup_steps=3)
         return configure_optimization(partial(torch.optim.SGD, lr=1.0), factory, self.parameters(),
                                       int(self.trainer.estimated_stepping_batches))
+
+
+def _assert_schedule_ran_to_its_end(schedule: str, lrs: list[float], last_epoch: int, last_lr: float) -> None:
+    assert len(lrs) == 12  # one entry per optimizer step
+    assert lrs[:4] == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])  # warmup advances once per optimizer step
+    assert last_epoch == 12
+    end = 1e-7 if schedule == "polynomial" else 0.0  # diffusers' polynomial schedule ends at lr_end=1e-7
+    assert last_lr == pytest.approx(end, abs=1e-12)  # the end value, reached exactly at max_steps
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])
@@ -91,43 +158,25 @@ def test_schedule_steps_once_per_optimizer_step_and_ends_at_max_steps(schedule, 
     trainer = L.Trainer(max_steps=12, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    assert len(module.lrs) == 12
-    assert module.lrs[:3] == pytest.approx([0.0, 1 / 3, 2 / 3])  # warmup, one step per optimizer step
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 12 * accumulate
     scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert scheduler.last_epoch == 12
-    end = 1e-7 if schedule == "polynomial" else 0.0  # diffusers' polynomial schedule ends at lr_end=1e-7
-    assert scheduler.get_last_lr()[0] == pytest.approx(end, abs=1e-12)  # the end value, exactly at max_steps
+    _assert_schedule_ran_to_its_end(schedule, module.lrs, scheduler.last_epoch, scheduler.get_last_lr()[0])
 
 
-def test_schedule_free_callback_switches_modes(tmp_path):
-    from sd_lightning.optim.optimizers import build_schedule_free_adamw
-
-    module = _Tiny(None)
-    module.configure_optimizers = lambda: build_schedule_free_adamw(module.parameters(), lr=0.01)
-    modes = []
-
-    class Spy(L.Callback):
-        def on_validation_start(self, trainer, pl_module):
-            modes.append(("val", trainer.optimizers[0].param_groups[0]["train_mode"]))
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            modes.append(("train", trainer.optimizers[0].param_groups[0]["train_mode"]))
-
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
-    module.validation_step = lambda batch, batch_idx: None
-    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        callbacks=[ScheduleFreeModeCallback(), Spy()], accelerator="cpu", num_sanity_val_steps=0)
-    trainer.fit(module, data, data)
-    assert ("val", False) in modes and ("train", True) in modes
-    assert all(mode for kind, mode in modes if kind == "train")
-    assert not trainer.optimizers[0].param_groups[0]["train_mode"]
+def test_schedule_ends_at_max_steps_with_two_ddp_processes(tmp_path):
+    # ddp_spawn, not ddp: the ddp launcher would re-run this pytest command line in the second process.
+    data = torch.utils.data.TensorDataset(torch.randn(400, 4))
+    trainer = L.Trainer(max_steps=12, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", strategy="ddp_spawn", devices=2,
+                        default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(_Tiny("cosine"), torch.utils.data.DataLoader(data, batch_size=4))
+    state = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    assert state["global_step"] == 12
+    scheduler_state = state["lr_schedulers"][0]
+    _assert_schedule_ran_to_its_end("cosine", state["lrs"], scheduler_state["last_epoch"], scheduler_state["_last_lr"][0])
 
 
 def test_schedule_free_optimizers_take_no_lr_schedule():
-    from functools import partial
-
-    from sd_lightning.optim.optimizers import build_schedule_free_adamw
-
     params = [torch.nn.Parameter(torch.zeros(2))]
     result = configure_optimization(partial(build_schedule_free_adamw, lr=0.01),
                                     partial(build_lr_scheduler, name="cosine"), params, 100)
@@ -135,3 +184,91 @@ def test_schedule_free_optimizers_take_no_lr_schedule():
     with_schedule = configure_optimization(partial(torch.optim.AdamW, lr=0.01), partial(build_lr_scheduler, name="cosine"),
                                            params, 100)
     assert "lr_scheduler" in with_schedule
+
+
+def _schedule_free_module() -> _Tiny:
+    torch.manual_seed(0)
+    module = _Tiny(None)
+    module.configure_optimizers = lambda: build_schedule_free_adamw(module.parameters(), lr=0.05, warmup_steps=0)
+    module.validation_step = lambda batch, batch_idx: None
+    return module
+
+
+def _same_batches(count: int) -> torch.utils.data.DataLoader:
+    """Identical batches, so a run resumed mid-epoch sees the data the uninterrupted run saw."""
+    torch.manual_seed(1)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 4).repeat(count, 1)), batch_size=4)
+
+
+def _train_mode(trainer: L.Trainer) -> bool:
+    return trainer.optimizers[0].param_groups[0]["train_mode"]
+
+
+def _trainer(callbacks: list[L.Callback], **kwargs) -> L.Trainer:
+    kwargs = {"logger": False, "enable_checkpointing": False, **kwargs}
+    return L.Trainer(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                     num_sanity_val_steps=0, callbacks=callbacks, **kwargs)
+
+
+def test_schedule_free_callback_switches_modes_around_validation():
+    modes: list[tuple[str, bool]] = []
+
+    class Spy(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            modes.append(("val", _train_mode(trainer)))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append(("train", _train_mode(trainer)))
+
+    data = _same_batches(2)
+    trainer = _trainer([ScheduleFreeModeCallback(), Spy()], max_steps=6)
+    trainer.fit(_schedule_free_module(), data, data)
+    assert [kind for kind, _ in modes] == ["train", "train", "val", "val"] * 3
+    assert all(mode == (kind == "train") for kind, mode in modes)
+    assert not _train_mode(trainer)  # fit() leaves the averaged weights in the module
+
+
+def test_schedule_free_callback_gets_the_training_weights_back_after_ema_validation():
+    """EMACallback swaps its weights in after the switch to eval and out in on_validation_end."""
+    before: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
+
+    class First(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            before.append(pl_module.layer.weight.detach().clone())
+
+    class Last(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if len(after) < len(before):
+                after.append(pl_module.layer.weight.detach().clone())
+
+    data = _same_batches(2)
+    callbacks = [First(), ScheduleFreeModeCallback(), EMACallback(decay=0.5), Last()]
+    _trainer(callbacks, max_steps=6).fit(_schedule_free_module(), data, data)
+    assert len(after) == 2
+    for train_weights, resumed_weights in zip(before, after):
+        torch.testing.assert_close(resumed_weights, train_weights, rtol=0, atol=1e-6)
+
+
+def test_schedule_free_checkpoints_hold_eval_weights_and_resume_exactly(tmp_path):
+    saved: dict[str, torch.Tensor] = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 4:
+                saved["train"] = pl_module.layer.weight.detach().clone()
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    uninterrupted = _schedule_free_module()
+    _trainer([ScheduleFreeModeCallback(), Spy(), checkpoint], max_steps=8, enable_checkpointing=True,
+             limit_val_batches=0).fit(uninterrupted, _same_batches(20))
+
+    state = torch.load(tmp_path / "step=4.ckpt", weights_only=False)
+    assert state["optimizer_states"][0]["param_groups"][0]["train_mode"] is False
+    assert not torch.equal(state["state_dict"]["layer.weight"], saved["train"])  # the averaged weights
+
+    resumed = _schedule_free_module()
+    _trainer([ScheduleFreeModeCallback()], max_steps=8, limit_val_batches=0).fit(
+        resumed, _same_batches(20), ckpt_path=tmp_path / "step=4.ckpt")
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

@@ -1,0 +1,582 @@
+"""Scan an image folder the way training will read it and name every problem with a reason code.
+
+The scanner mirrors ``ImageFolderSource`` exactly (which files become items, their ids and where each
+caption comes from), so the report describes what training sees and its ids are the ones ``data.exclude``
+matches. Every image is fully decoded: a header-only check lets truncated files through. Files are only
+read, paths that escape the root are never opened.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import hashlib
+import io
+import json
+import os
+import re
+import statistics
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sd_lightning.data.sources import IMAGE_EXTENSIONS, DataRootError, resolve_inside
+
+REPORT_VERSION = 1
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# Leading bytes of formats PIL reads: a file starting with one of these is a damaged image, not "not an image".
+_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+class Reason(enum.StrEnum):
+    """Why a file is reported; the value is the code in reports and exclusion comments."""
+
+    UNREADABLE = "unreadable"
+    TRUNCATED = "truncated"
+    ZERO_BYTE = "zero_byte"
+    NOT_AN_IMAGE = "not_an_image"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    TOO_SMALL = "too_small"
+    EXTREME_ASPECT = "extreme_aspect"
+    UNUSUAL_MODE = "unusual_mode"
+    EXACT_DUPLICATE = "exact_duplicate"
+    NEAR_DUPLICATE = "near_duplicate"
+    MISSING_CAPTION = "missing_caption"
+    EMPTY_CAPTION = "empty_caption"
+    NON_UTF8_CAPTION = "non_utf8_caption"
+    CAPTION_TOO_LONG = "caption_too_long"
+    METADATA_MISSING_FILE = "metadata_missing_file"
+    NO_METADATA_ROW = "no_metadata_row"
+    PATH_ESCAPES_ROOT = "path_escapes_root"
+
+
+class Severity(enum.StrEnum):
+    """``error``: ``sdl-data clean`` excludes the file; ``warning``: kept, reported."""
+
+    ERROR = "error"
+    WARNING = "warning"
+
+
+DEFAULT_SEVERITY: dict[Reason, Severity] = {
+    **{reason: Severity.ERROR for reason in Reason},
+    # Training copes with these: converted, unconditional, truncated with a warning, or simply not listed.
+    Reason.UNUSUAL_MODE: Severity.WARNING,
+    Reason.NEAR_DUPLICATE: Severity.WARNING,
+    Reason.MISSING_CAPTION: Severity.WARNING,
+    Reason.EMPTY_CAPTION: Severity.WARNING,
+    Reason.NON_UTF8_CAPTION: Severity.WARNING,
+    Reason.CAPTION_TOO_LONG: Severity.WARNING,
+    Reason.NO_METADATA_ROW: Severity.WARNING,
+}
+CAPTION_REASONS = frozenset({Reason.MISSING_CAPTION, Reason.EMPTY_CAPTION, Reason.NON_UTF8_CAPTION})
+
+# What ``convert("RGB")`` (ImageFolderSource.load_image) does to modes other than RGB and L.
+MODE_NOTES = {
+    "CMYK": "CMYK converted to RGB without a color profile: colors may shift",
+    "P": "palette image expanded to RGB",
+    "PA": "palette image with alpha: the alpha channel is dropped",
+    "RGBA": "alpha channel dropped: transparent pixels show their stored color (often black)",
+    "RGBa": "alpha channel dropped",
+    "LA": "grayscale with alpha: the alpha channel is dropped",
+    "La": "grayscale with alpha: the alpha channel is dropped",
+    "1": "1-bit black and white",
+    "I;16": "16-bit: convert('RGB') clips values above 255 (most pixels turn white); rescale to 8-bit",
+    "I;16B": "16-bit: convert('RGB') clips values above 255; rescale to 8-bit",
+    "I;16L": "16-bit: convert('RGB') clips values above 255; rescale to 8-bit",
+    "I": "32-bit integer: convert('RGB') clips values above 255; rescale to 8-bit",
+    "F": "32-bit float: convert('RGB') clips values to 0..255; rescale to 8-bit",
+}
+PLAIN_MODES = frozenset({"RGB", "L"})
+
+
+@dataclass(frozen=True)
+class InspectSettings:
+    """Thresholds of the scan (``inspect.*`` and the ``data`` group in ``conf/data_tool.yaml``)."""
+
+    resolution: int = 32
+    max_pixels: int = 89_478_485  # PIL's default limit
+    max_aspect: float = 4.0
+    near_duplicate_distance: int = 6  # phash Hamming distance (of 64 bits)
+    caption_template: str | None = "{class_name}"
+    extensions: Sequence[str] = tuple(sorted(IMAGE_EXTENSIONS))
+    severity: Mapping[str, str] = field(default_factory=dict)
+    # False when training ignores captions (data.conditioning=class|none): no caption problems then.
+    check_captions: bool = True
+
+    def severity_of(self, reason: Reason) -> Severity:
+        return Severity(self.severity.get(reason.value, DEFAULT_SEVERITY[reason]))
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    reason: Reason
+    severity: Severity
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": self.file, "reason": self.reason.value, "severity": self.severity.value, "detail": self.detail}
+
+
+@dataclass
+class FileRecord:
+    """One scanned image (a training item or an image file on disk)."""
+
+    id: str
+    in_training: bool
+    bytes: int | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    format: str | None = None
+    phash: str | None = None
+    caption: str | None = None
+    caption_source: str | None = None  # metadata | sidecar | class_folder | None
+    caption_tokens: int | None = None
+
+
+@dataclass
+class InspectionReport:
+    root: str
+    settings: dict[str, Any]
+    metadata_file: str | None
+    counts: dict[str, int]
+    files: list[FileRecord]
+    problems: list[Problem]
+    caption_tokens: dict[str, float]
+    token_limit: int
+    training_ids: list[str]  # the items ImageFolderSource lists, in its order
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def excluded(self) -> dict[str, list[Problem]]:
+        """Error problems of the items training would read, by id (what ``exclude.txt`` lists)."""
+        training = set(self.training_ids)
+        found: dict[str, list[Problem]] = {}
+        for problem in self.problems:
+            if problem.severity is Severity.ERROR and problem.file in training:
+                found.setdefault(problem.file, []).append(problem)
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        by_reason: dict[str, dict[str, Any]] = {}
+        for problem in self.problems:
+            entry = by_reason.setdefault(problem.reason.value, {"severity": problem.severity.value, "count": 0})
+            entry["count"] += 1
+        return {
+            "version": REPORT_VERSION, "created": self.created, "root": self.root, "settings": self.settings,
+            "metadata_file": self.metadata_file, "counts": self.counts, "problem_counts": by_reason,
+            "caption_tokens": self.caption_tokens, "token_limit": self.token_limit,
+            "training_ids": self.training_ids, "excluded": sorted(self.excluded()),
+            "problems": [p.to_dict() for p in self.problems],
+            "files": [asdict(record) for record in self.files],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InspectionReport:
+        return cls(
+            root=data["root"], settings=data["settings"], metadata_file=data["metadata_file"], counts=data["counts"],
+            files=[FileRecord(**record) for record in data["files"]],
+            problems=[Problem(p["file"], Reason(p["reason"]), Severity(p["severity"]), p["detail"])
+                      for p in data["problems"]],
+            caption_tokens=data["caption_tokens"], token_limit=data["token_limit"],
+            training_ids=list(data["training_ids"]), created=data["created"],
+        )
+
+
+def load_report(path: str | Path) -> InspectionReport:
+    """A ``data_report.json`` written by ``sdl-data inspect`` (plain JSON, nothing executed)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataRootError(f"clean.report={path} does not exist")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if data.get("version") != REPORT_VERSION:
+            raise ValueError(f"version {data.get('version')!r}, expected {REPORT_VERSION}")
+        return InspectionReport.from_dict(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataRootError(f"clean.report={path} is not a data_report.json of sdl-data inspect ({err})") from err
+
+
+@contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's decompression-bomb limit set to ``max_pixels`` (its warning raised) only inside the block."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels still decode
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def decode(data: bytes) -> tuple[Image.Image | None, Reason | None, str]:
+    """Fully decode ``data`` (call inside ``pixel_limit``): ``(image, None, "")`` or ``(None, reason, detail)``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image, None, ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        count = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels"
+        return None, Reason.DECOMPRESSION_BOMB, f"{count} > inspect.max_pixels={Image.MAX_IMAGE_PIXELS:,}: not decoded"
+    except UnidentifiedImageError:
+        if data.startswith(_MAGIC):
+            return None, Reason.UNREADABLE, "starts like an image but PIL cannot parse its header"
+        return None, Reason.NOT_AN_IMAGE, f"not an image format PIL reads (starts with {data[:8]!r})"
+    except Exception as err:  # PIL raises many types on malformed data (OSError, SyntaxError, struct.error…)
+        reason = Reason.TRUNCATED if "truncated" in str(err).lower() else Reason.UNREADABLE
+        return None, reason, f"{type(err).__name__}: {err}"
+
+
+def _metadata_rows(root: Path) -> tuple[Path | None, dict[str, Any]]:
+    """Rows of metadata.jsonl (preferred) or metadata.csv as ImageFolderSource reads them: id → raw text.
+
+    ``text`` is kept raw (``None`` when the column is absent) so that missing and empty captions differ.
+    """
+    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.exists():
+        source = jsonl
+        try:
+            lines = jsonl.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataRootError(f"{jsonl} is not UTF-8 ({err}); training cannot read it either") from err
+        rows = []
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataRootError(f"{jsonl}:{line_no}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataRootError(f"{jsonl}:{line_no}: expected a JSON object with 'file_name' and 'text'")
+            rows.append(row)
+    elif csv_path.exists():
+        source = csv_path
+        try:
+            with csv_path.open(encoding="utf-8", newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        except UnicodeDecodeError as err:
+            raise DataRootError(f"{csv_path} is not UTF-8 ({err}); training cannot read it either") from err
+    else:
+        return None, {}
+    texts: dict[str, Any] = {}
+    for number, row in enumerate(rows, start=1):
+        if "file_name" not in row:
+            raise DataRootError(f"{source}: row {number} has no 'file_name' field (columns: {sorted(row)})")
+        texts[str(row["file_name"])] = row.get("text")
+    return source, texts
+
+
+def _walk(root: Path) -> tuple[list[str], list[str]]:
+    """Relative posix paths of regular files and of symlinks (files or folders) under ``root``, sorted."""
+    files, links = [], []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        base = Path(folder)
+        for name in dirs + names:
+            path = base / name
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                links.append(relative)
+            elif name in names and path.is_file():
+                files.append(relative)
+    return sorted(files), sorted(links)
+
+
+def _sidecar_caption(path: Path) -> tuple[str | None, Reason | None]:
+    """The ``<image>.txt`` caption as ImageFolderSource reads it, or why it gives none."""
+    sidecar = path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None, None
+    try:
+        text = sidecar.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        return None, Reason.NON_UTF8_CAPTION
+    return (text, None) if text else (None, Reason.EMPTY_CAPTION)
+
+
+def _token_stats(counts: Sequence[int], limit: int) -> dict[str, float]:
+    if not counts:
+        return {"count": 0}
+    ordered = sorted(counts)
+    return {"count": len(ordered), "min": ordered[0], "max": ordered[-1], "mean": round(statistics.fmean(ordered), 2),
+            "median": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "over_limit": sum(c > limit for c in ordered)}
+
+
+def _near_duplicates(records: Sequence[FileRecord], distance: int) -> list[tuple[FileRecord, FileRecord, int]]:
+    """(later, first, distance) for each image within ``distance`` bits of an earlier one in sorted order."""
+    if len(records) < 2:
+        return []
+    hashes = np.array([int(r.phash, 16) for r in records], dtype=np.uint64)
+    found = []
+    for j in range(1, len(records)):
+        distances = np.bitwise_count(hashes[:j] ^ hashes[j])
+        close = np.flatnonzero(distances <= distance)
+        if close.size:
+            found.append((records[j], records[int(close[0])], int(distances[close[0]])))
+    return found
+
+
+def scan_folder(root: str | Path, settings: InspectSettings, tokenizer: Callable[..., Any],
+                progress: Callable[[int, int], None] | None = None) -> InspectionReport:
+    """Scan ``root`` as ``ImageFolderSource(root, settings.caption_template, settings.extensions)`` reads it.
+
+    ``tokenizer`` is the model's (a Hugging Face tokenizer: captions longer than its ``model_max_length``,
+    BOS/EOS included, would be silently truncated).
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataRootError(f"data.root={root} is not a folder")
+    extensions = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in settings.extensions}
+    metadata_file, texts = _metadata_rows(root)
+    files, links = _walk(root)
+    problems: list[Problem] = []
+
+    seen: set[tuple[str, Reason]] = set()
+
+    def report(file: str, reason: Reason, detail: str) -> None:
+        if (file, reason) not in seen:  # e.g. a symlink that is also named by a metadata row
+            seen.add((file, reason))
+            problems.append(Problem(file, reason, settings.severity_of(reason), detail))
+
+    # Training items and the files they read, exactly as ImageFolderSource lists them.
+    targets: dict[str, Path] = {}
+    if metadata_file is not None:
+        for name in texts:
+            try:
+                path = resolve_inside(root, name)
+            except DataRootError:
+                report(name, Reason.PATH_ESCAPES_ROOT,
+                       f"metadata row {name!r} points outside the data root; never opened")
+                continue
+            if path.is_file():
+                targets[name] = path
+            else:
+                report(name, Reason.METADATA_MISSING_FILE,
+                       f"{metadata_file.name} names {name!r}, which does not exist (or is not a file)")
+        training_ids = list(texts)
+        listed = set(targets.values())
+        unlisted = [f for f in files if Path(f).suffix.lower() in extensions and (root / f) not in listed]
+        for name in unlisted:
+            report(name, Reason.NO_METADATA_ROW, f"no row in {metadata_file.name}: training does not use this image")
+    else:
+        targets = {f: root / f for f in files if Path(f).suffix.lower() in extensions}
+        training_ids, unlisted = list(targets), []
+    for link in links:
+        target = (root / link).resolve()
+        if not target.is_relative_to(root):
+            report(link, Reason.PATH_ESCAPES_ROOT, "symlink pointing outside the data root; never opened")
+
+    records: list[FileRecord] = []
+    scan = [(name, path, True) for name, path in targets.items()] + [(n, root / n, False) for n in unlisted]
+    scan.sort(key=lambda entry: entry[0])
+    with pixel_limit(settings.max_pixels):
+        for done, (name, path, in_training) in enumerate(scan):
+            if progress is not None:
+                progress(done, len(scan))
+            records.append(_inspect_image(name, path, in_training, settings, report))
+
+    token_counts = _captions(root, metadata_file, texts, records, settings, tokenizer, report)
+    _duplicates([r for r in records if r.in_training], settings, report)
+
+    order = {reason: index for index, reason in enumerate(Reason)}
+    problems.sort(key=lambda p: (p.file, order[p.reason]))
+    limit = int(tokenizer.model_max_length)
+    counts = {
+        "files": len(files) + len(links), "symlinks": len(links), "image_files": sum(
+            Path(f).suffix.lower() in extensions for f in files),
+        "training_items": len(training_ids),
+        "decoded": sum(r.width is not None for r in records),
+        "captioned": sum(r.caption is not None for r in records if r.in_training),
+        "files_with_errors": len({p.file for p in problems if p.severity is Severity.ERROR}),
+        "files_with_warnings": len({p.file for p in problems if p.severity is Severity.WARNING}),
+    }
+    report_settings = {**asdict(settings), "extensions": sorted(extensions), "severity": {
+        reason.value: settings.severity_of(reason).value for reason in Reason}}
+    result = InspectionReport(root=str(root), settings=report_settings,
+                              metadata_file=None if metadata_file is None else metadata_file.name, counts=counts,
+                              files=records, problems=problems, caption_tokens=_token_stats(token_counts, limit),
+                              token_limit=limit, training_ids=training_ids)
+    result.counts["excluded"] = len(result.excluded())
+    return result
+
+
+def _inspect_image(name: str, path: Path, in_training: bool, settings: InspectSettings,
+                   report: Callable[[str, Reason, str], None]) -> FileRecord:
+    data = path.read_bytes()
+    record = FileRecord(id=name, in_training=in_training, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if not data:
+        report(name, Reason.ZERO_BYTE, "empty file (0 bytes)")
+        return record
+    image, reason, detail = decode(data)
+    if image is None:
+        report(name, reason, detail)
+        return record
+    record.width, record.height = image.size
+    record.mode, record.format = image.mode, image.format
+    if image.mode not in PLAIN_MODES:
+        note = MODE_NOTES.get(image.mode, "converted to RGB")
+        if image.mode == "P" and "transparency" in image.info:
+            note = "palette image with transparency: expanded to RGB, transparency dropped"
+        report(name, Reason.UNUSUAL_MODE, f"mode {image.mode}: {note}")
+    shorter, longer = min(image.size), max(image.size)
+    if shorter < settings.resolution:
+        report(name, Reason.TOO_SMALL, f"{image.width}x{image.height}: shorter side {shorter} < data.resolution="
+                                       f"{settings.resolution} (would be upscaled)")
+    if shorter > 0 and longer / shorter > settings.max_aspect:
+        report(name, Reason.EXTREME_ASPECT, f"{image.width}x{image.height}: aspect {longer / shorter:.2f} > "
+                                            f"inspect.max_aspect={settings.max_aspect} (a center crop keeps "
+                                            f"{100 * shorter / longer:.0f}%)")
+    record.phash = str(imagehash.phash(image.convert("RGB")))
+    return record
+
+
+def _captions(root: Path, metadata_file: Path | None, texts: Mapping[str, Any], records: Sequence[FileRecord],
+              settings: InspectSettings, tokenizer: Callable[..., Any],
+              report: Callable[[str, Reason, str], None]) -> list[int]:
+    """Each training item's caption by ImageFolderSource's rules (metadata → sidecar → class folder).
+
+    Caption problems are reported for decodable images only: the others are excluded for a worse reason.
+    """
+    for record in records:
+        if not record.in_training:
+            continue
+        why: Reason | None = None
+        if metadata_file is not None:
+            raw = texts.get(record.id)
+            if raw is not None and str(raw).strip() != "":
+                record.caption, record.caption_source = str(raw), "metadata"
+            elif raw is not None:
+                why = Reason.EMPTY_CAPTION
+        if record.caption is None:
+            text, sidecar_why = _sidecar_caption(resolve_inside(root, record.id))
+            if text is not None:
+                record.caption, record.caption_source = text, "sidecar"
+            why = sidecar_why or why
+        parent = Path(record.id).parent
+        if record.caption is None and settings.caption_template and parent != Path("."):
+            record.caption = settings.caption_template.format(class_name=parent.name.replace("_", " "))
+            record.caption_source = "class_folder"
+        if record.caption is None and record.width is not None and settings.check_captions:
+            # (undecodable files are excluded for a worse reason)
+            if why is Reason.NON_UTF8_CAPTION:
+                report(record.id, why, f"{Path(record.id).with_suffix('.txt').as_posix()} is not UTF-8: "
+                                       "training treats the image as unlabeled")
+            elif why is Reason.EMPTY_CAPTION:
+                report(record.id, why, "the caption is empty: training uses the null (unconditional) prompt")
+            else:
+                report(record.id, Reason.MISSING_CAPTION, "no metadata text, sidecar .txt or class folder: "
+                                                          "training uses the null (unconditional) prompt")
+    captioned = [r for r in records if r.caption is not None]
+    if not captioned:
+        return []
+    encoded = tokenizer([r.caption for r in captioned], truncation=False, verbose=False)["input_ids"]
+    limit = int(tokenizer.model_max_length)
+    for record, ids in zip(captioned, encoded, strict=True):
+        record.caption_tokens = len(ids)
+        if len(ids) > limit and record.width is not None and settings.check_captions:
+            report(record.id, Reason.CAPTION_TOO_LONG, f"{len(ids)} tokens (with BOS/EOS) > the tokenizer's {limit}: "
+                                                       "the end would be silently truncated")
+    return [r.caption_tokens for r in captioned]
+
+
+def _duplicates(records: Sequence[FileRecord], settings: InspectSettings,
+                report: Callable[[str, Reason, str], None]) -> None:
+    """Exact (sha256) and near (phash) duplicates among decodable training images; the first id is kept."""
+    decoded = sorted((r for r in records if r.phash is not None), key=lambda r: r.id)
+    first_by_hash: dict[str, str] = {}
+    unique = []
+    for record in decoded:
+        first = first_by_hash.setdefault(record.sha256, record.id)
+        if first != record.id:
+            report(record.id, Reason.EXACT_DUPLICATE, f"same bytes (sha256) as {first}, which is kept")
+        else:
+            unique.append(record)
+    for later, first, distance in _near_duplicates(unique, settings.near_duplicate_distance):
+        report(later.id, Reason.NEAR_DUPLICATE, f"looks like {first} (phash distance {distance} <= "
+                                                f"inspect.near_duplicate_distance={settings.near_duplicate_distance})")
+
+
+def write_histograms(report: InspectionReport, path: Path) -> Path:
+    """Shorter-side and aspect-ratio histograms of the decodable images (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sized = [r for r in report.files if r.width]
+    shorter = [min(r.width, r.height) for r in sized]
+    aspects = [r.width / r.height for r in sized]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.hist(shorter or [0], bins=30, color="tab:blue")
+    left.axvline(report.settings["resolution"], color="tab:red", linestyle="--", label="data.resolution")
+    left.set(title="shorter side (px)", xlabel="pixels", ylabel="images")
+    left.legend()
+    right.hist(aspects or [1], bins=np.geomspace(min(aspects or [1]) / 1.1, max(aspects or [1]) * 1.1, 30),
+               color="tab:green")
+    right.set_xscale("log")
+    for bound in (report.settings["max_aspect"], 1 / report.settings["max_aspect"]):
+        right.axvline(bound, color="tab:red", linestyle="--")
+    right.set(title="aspect ratio (width / height)", xlabel="ratio (log)", ylabel="images")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def _markdown(report: InspectionReport, histogram_name: str) -> str:
+    lines = [f"# Data report: `{report.root}`", "", f"Created {report.created}. Metadata file: "
+             f"{report.metadata_file or 'none (sidecar .txt / class folders)'}."
+             + ("" if report.settings.get("check_captions", True) else
+                " Caption problems not checked: training ignores captions (data.conditioning)."), "", "## Counts", "",
+             "| what | count |", "|---|---|"]
+    lines += [f"| {key.replace('_', ' ')} | {value} |" for key, value in report.counts.items()]
+    stats = report.caption_tokens
+    lines += ["", f"## Caption length (tokens incl. BOS/EOS, limit {report.token_limit})", ""]
+    if stats.get("count"):
+        lines += ["| count | min | median | mean | p95 | max | over limit |", "|---|---|---|---|---|---|---|",
+                  f"| {stats['count']} | {stats['min']} | {stats['median']} | {stats['mean']} | {stats['p95']} | "
+                  f"{stats['max']} | {stats['over_limit']} |"]
+    else:
+        lines.append("No captions.")
+    lines += ["", "## Image sizes", "", f"![size and aspect histograms]({histogram_name})", "", "## Problems", ""]
+    counts: dict[tuple[str, str], int] = {}
+    for problem in report.problems:
+        key = (problem.reason.value, problem.severity.value)
+        counts[key] = counts.get(key, 0) + 1
+    if not report.problems:
+        lines.append("None found.")
+    else:
+        lines += ["| reason | severity | files |", "|---|---|---|"]
+        lines += [f"| {reason} | {severity} | {count} |" for (reason, severity), count in sorted(counts.items())]
+        lines += ["", "| file | reason | severity | detail |", "|---|---|---|---|"]
+        lines += [f"| `{p.file}` | {p.reason.value} | {p.severity.value} | {p.detail.replace('|', '/')} |"
+                  for p in report.problems]
+    excluded = report.excluded()
+    lines += ["", f"## Excluded by `sdl-data clean` ({len(excluded)} of {len(report.training_ids)} items)", ""]
+    lines += [f"- `{name}`: {', '.join(p.reason.value for p in found)}" for name, found in excluded.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: InspectionReport, out_dir: str | Path) -> dict[str, Path]:
+    """``data_report.json``, ``data_report.md`` and ``data_report_sizes.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "data_report.json", "markdown": out / "data_report.md",
+             "histograms": out / "data_report_sizes.png"}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_histograms(report, paths["histograms"])
+    paths["markdown"].write_text(_markdown(report, paths["histograms"].name), encoding="utf-8")
+    return paths

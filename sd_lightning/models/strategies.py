@@ -1,0 +1,48 @@
+"""Lightning strategies for multi-GPU training, built with what the latent diffusion module needs.
+
+DDP needs nothing special (``conf/trainer/ddp.yaml`` instantiates Lightning's class directly). FSDP
+wraps each UNet block in its own shard unit and keeps original parameters, because the module mixes
+frozen (VAE, text encoder) and trained weights, which one flat parameter cannot hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def unet_block_classes() -> set[type]:
+    """The diffusers blocks that form FSDP units and activation-checkpointing regions."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    return {ResnetBlock2D, Transformer2DModel}
+
+
+def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", cpu_offload: bool = False,
+                  activation_checkpointing: bool = True, **kwargs: Any) -> Any:
+    """Lightning's FSDPStrategy sharding the UNet block by block."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    blocks = unet_block_classes()
+    return FSDPStrategy(
+        sharding_strategy=sharding_strategy,
+        cpu_offload=cpu_offload,
+        auto_wrap_policy=blocks,
+        activation_checkpointing_policy=blocks if activation_checkpointing else None,
+        use_orig_params=True,
+        **kwargs,
+    )
+
+
+def deepspeed_strategy(stage: int = 2, offload_optimizer: bool = False, **kwargs: Any) -> Any:
+    """Lightning's DeepSpeedStrategy (ZeRO stage 1-3), with an actionable error when deepspeed is absent."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "trainer=deepspeed needs the deepspeed package (`pip install deepspeed`, CUDA machines only); "
+            "use trainer=ddp or trainer=fsdp instead"
+        ) from err
+    return DeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer, **kwargs)

@@ -1,0 +1,140 @@
+"""RunClock projects the whole run (steps and validations); estimate=true measures without training."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+import sd_lightning.callbacks.progress as progress
+from sd_lightning.callbacks.progress import EtaProgressBar, RunClock, format_duration
+
+from conftest import FAST, compose_train
+
+
+class FakeTime:
+    """A clock that only moves when the model says so, making timing assertions exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class TimedModel(BoringModel):
+    """Each training step 'takes' 2 s, each validation batch 0.5 s of fake time."""
+
+    def __init__(self, clock: FakeTime) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def training_step(self, batch, batch_idx):
+        self.clock.now += 2.0
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.clock.now += 0.5
+        return super().validation_step(batch, batch_idx)
+
+
+class Probe(L.Callback):
+    """Records the clock's projection after every optimizer step."""
+
+    def __init__(self, clock: RunClock) -> None:
+        self.clock = clock
+        self.projections: dict[int, float | None] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.projections[trainer.global_step] = self.clock.remaining(trainer)
+
+
+@pytest.fixture
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    fake = FakeTime()
+    monkeypatch.setattr(progress.time, "perf_counter", fake.perf_counter)
+    return fake
+
+
+def _fit(fake_time: FakeTime, accumulate: int = 1) -> tuple[RunClock, Probe, L.Trainer]:
+    clock = RunClock(skip_steps=2)
+    probe = Probe(clock)
+    trainer = L.Trainer(max_steps=12, limit_train_batches=4 * accumulate, limit_val_batches=3,
+                        check_val_every_n_epoch=1, accumulate_grad_batches=accumulate, callbacks=[clock, probe],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(TimedModel(fake_time))
+    return clock, probe, trainer
+
+
+def test_run_clock_projects_steps_and_validations_exactly(fake_time):
+    clock, probe, trainer = _fit(fake_time)
+    assert trainer.global_step == 12
+    assert clock.step_time == pytest.approx(2.0)
+    assert len(clock.step_times) == 10  # the first 2 steps are warm-up
+    assert clock.validation_times == [pytest.approx(1.5)] * 3  # after steps 4, 8, 12
+    assert progress.validation_interval_steps(trainer) == 4
+    # After step 5 (one validation seen): 7 steps × 2 s + validations at 8 and 12 × 1.5 s.
+    assert probe.projections[5] == pytest.approx(7 * 2.0 + 2 * 1.5)
+    # Before any validation only the steps are known.
+    assert probe.projections[3] == pytest.approx(9 * 2.0)
+    assert probe.projections[1] is None  # still warming up
+    assert clock.remaining(trainer) == 0.0
+
+
+def test_run_clock_counts_optimizer_steps_under_gradient_accumulation(fake_time):
+    clock, probe, trainer = _fit(fake_time, accumulate=3)
+    assert trainer.global_step == 12
+    assert clock.step_time == pytest.approx(3 * 2.0)  # three micro-batches per optimizer step
+    assert progress.validation_interval_steps(trainer) == 4
+    assert probe.projections[6] == pytest.approx(6 * 6.0 + 2 * 1.5)
+
+
+def test_progress_bar_shows_eta_and_total(fake_time):
+    bar = EtaProgressBar(skip_steps=1)
+    trainer = L.Trainer(max_steps=6, limit_train_batches=3, limit_val_batches=1, callbacks=[bar], logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        accelerator="cpu")
+    trainer.fit(TimedModel(fake_time))
+    items = bar.get_metrics(trainer, trainer.lightning_module)
+    assert items["eta"] == "0s" and items["step"] == "6/6"
+    assert items["total"] == format_duration(fake_time.now)
+
+
+def test_format_duration():
+    assert format_duration(41.4) == "41s"
+    assert format_duration(723) == "12m03s"
+    assert format_duration(3 * 3600 + 5 * 60 + 59) == "3h05m"
+    assert format_duration(None) == "?" and format_duration(math.inf) == "?"
+
+
+def test_estimate_measures_and_writes_nothing(tmp_path, capsys):
+    from sd_lightning.cli.train import train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train(run_dir, [*FAST, "estimate=true", "estimate_steps=4", "data.source.limit=96",
+                                  "data.batch_size=8", "trainer.max_steps=100", "trainer.check_val_every_n_epoch=2",
+                                  "model.components.vae_path=null"])
+    assert train(cfg) is None
+    assert not run_dir.exists()
+    out = capsys.readouterr().out
+    assert "projected total" in out and "peak memory" in out
+
+    from sd_lightning.cli.estimate import estimate
+
+    result = estimate(cfg)
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    steps_per_epoch = len(datamodule.train_dataloader())  # validation every 2 epochs
+    assert result["measured_steps"] == 4
+    assert result["validations"] == 100 // (2 * steps_per_epoch) > 0
+    assert result["seconds_per_validation"] > 0 and result["seconds_per_step"] > 0
+    assert result["total_seconds"] == pytest.approx(
+        result["seconds_per_step"] * 100 + result["validations"] * result["seconds_per_validation"])
+    assert result["peak_rss_mib"] > 100
+    assert torch.isfinite(torch.tensor(result["samples_per_second"]))

@@ -1,0 +1,133 @@
+"""Conditioning modes (text, class, none), partly labeled data and tag shuffling."""
+
+import random
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+
+from sd_lightning.cli.config import ConfigError, validate_train_config
+from sd_lightning.cli.train import train
+from sd_lightning.data.datamodule import DiffusionDataModule
+from sd_lightning.data.sources import DigitsSource, SourceItem
+from sd_lightning.data.transforms import CaptionTransform, shuffle_tags
+
+from conftest import FAST, compose_train
+
+
+def _prompts(datamodule: DiffusionDataModule, split: str = "train") -> dict[str, str]:
+    dataset = datamodule.train_dataset if split == "train" else datamodule.val_dataset
+    return {dataset[i]["id"]: dataset[i]["prompt"] for i in range(len(dataset))}
+
+
+def _datamodule(**kwargs) -> DiffusionDataModule:
+    datamodule = DiffusionDataModule(DigitsSource(size=8, limit=kwargs.pop("limit", 300)), resolution=8, **kwargs)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_modes_give_the_captions_the_class_template_or_the_null_prompt():
+    text = _prompts(_datamodule(conditioning="text"))
+    assert set(text.values()) == {f"a handwritten digit {n}" for n in
+                                  ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")}
+    classes = _prompts(_datamodule(conditioning="class", caption_template="digit {class_name}, handwritten"))
+    assert classes.keys() == text.keys()
+    assert all(classes[i] == text[i].replace("a handwritten digit ", "digit ") + ", handwritten" for i in text)
+    none = _datamodule(conditioning="none")
+    assert set(_prompts(none).values()) == {""} and set(_prompts(none, "val").values()) == {""}
+
+
+def test_labeled_fraction_keeps_a_stable_share_independent_of_the_split():
+    source = DigitsSource(size=8)
+    policy = CaptionTransform(labeled_fraction=0.3)
+    labeled = {item.id for item in source.items if policy(item) is not None}
+    assert abs(len(labeled) / len(source) - 0.3) < 0.03
+    # Stable: the same ids on a new instance; nested: raising the fraction only adds ids.
+    assert labeled == {item.id for item in source.items if CaptionTransform(labeled_fraction=0.3)(item) is not None}
+    assert labeled < {item.id for item in source.items if CaptionTransform(labeled_fraction=0.5).is_labeled(item.id)}
+    # Independent of the split: changing the validation share or salt does not change which ids are labeled.
+    for val_fraction, salt in ((0.1, ""), (0.4, "other")):
+        datamodule = _datamodule(labeled_fraction=0.3, val_fraction=val_fraction, split_salt=salt, limit=None)
+        prompts = {**_prompts(datamodule), **_prompts(datamodule, "val")}
+        assert {i for i, p in prompts.items() if p} == labeled
+    # Labeled items are spread over both splits (about 30% of each).
+    for split in ("train", "val"):
+        share = np.mean([bool(p) for p in _prompts(datamodule, split).values()])
+        assert 0.22 < share < 0.38, (split, share)
+
+
+def test_unlabeled_samples_get_exactly_the_null_prompt_condition_dropout_uses(train_config):
+    datamodule = _datamodule(labeled_fraction=0.3)
+    prompts = list(_prompts(datamodule).values())
+    counts = Counter(prompts)
+    assert counts[""] == sum(1 for p in prompts if not p.startswith("a handwritten digit"))
+    model = instantiate(train_config("model.cond_drop_prob=1.0", "model.components.unet.block_out_channels=[8,16]").model)
+    (null,) = set(model.drop_conditions(["a handwritten digit one"] * 4, __import__("torch").Generator()))
+    assert null == "" and null in counts
+    # A source item without a caption (an unlabeled image) takes the same path.
+    assert CaptionTransform()(SourceItem(id="x", caption=None)) is None
+
+
+def test_tag_shuffling_keeps_leading_tokens_and_is_deterministic_per_seed_epoch_sample():
+    caption = "portrait, oil painting, red hair, smiling, blue background"
+    shuffled = {shuffle_tags(caption, random.Random(s), keep_tokens=1) for s in range(30)}
+    assert len(shuffled) > 10
+    for text in shuffled:
+        tags = text.split(", ")
+        assert tags[0] == "portrait" and sorted(tags) == sorted(caption.split(", "))
+    assert shuffle_tags(caption, random.Random(3), 2) == shuffle_tags(caption, random.Random(3), 2)
+
+    item = SourceItem(id="im.png", caption=caption)
+    datamodule = DiffusionDataModule(DigitsSource(size=8, limit=40), resolution=8, shuffle_tags=True, keep_tokens=2,
+                                     val_fraction=0.2)
+    datamodule.setup("fit")
+    datamodule.source.items = [item] * len(datamodule.source.items)  # every sample has this tagged caption
+    train_set = datamodule.train_dataset
+    epoch0 = [train_set[i]["prompt"] for i in range(len(train_set))]
+    assert epoch0 == [train_set[i]["prompt"] for i in range(len(train_set))]  # deterministic
+    assert all(p.startswith("portrait, oil painting, ") for p in epoch0)
+    datamodule.set_epoch(1)
+    epoch1 = [train_set[i]["prompt"] for i in range(len(train_set))]
+    assert epoch1 != epoch0
+    assert {datamodule.val_dataset[i]["prompt"] for i in range(len(datamodule.val_dataset))} == {caption}
+
+
+def test_bad_conditioning_settings_fail_naming_the_key(tmp_path):
+    for override, message in (("data.conditioning=labels", "data.conditioning='labels' must be"),
+                              ("data.labeled_fraction=1.5", "data.labeled_fraction=1.5 must be <= 1.0"),
+                              ("data.keep_tokens=-1", "data.keep_tokens=-1 must be >= 0"),
+                              ("data.caption_template=digit", "must contain '{class_name}'")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+            validate_train_config(compose_train(tmp_path / "run", [override]))
+
+
+def test_class_mode_without_labels_says_what_to_do(tmp_path):
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    cfg = compose_train(tmp_path / "run", ["data=imagefolder", f"data.root={tmp_path}", "data.val_fraction=0.0",
+                                           "data.conditioning=class"])
+    with pytest.raises(ValueError, match="has no class labels.*data.conditioning=text or none"):
+        instantiate(cfg.data).setup("fit")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ("data.conditioning=text", "data.shuffle_tags=true", "data.keep_tokens=1"),
+    ("data.conditioning=class", "data.caption_template='digit {class_name}'", "data.labeled_fraction=0.3"),
+    ("data.conditioning=none", "augmentation=color_jitter"),
+], ids=["text", "class", "none"])
+def test_each_mode_trains_a_few_steps(tmp_path, overrides):
+    """Each mode through the real training loop (random VAE: this checks the prompt path, not quality)."""
+    run_dir = tmp_path / "run"
+    cfg = compose_train(run_dir, [*FAST, "trainer.max_steps=4",
+                                  "data.source.limit=48", "data.batch_size=16", "data.val_batch_size=16",
+                                  "~callbacks.sample_grid", *overrides])
+    train(cfg)
+    metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    losses = metrics["train/loss"].dropna()
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    assert np.isfinite(metrics["val/mse"].dropna()).all() and len(metrics["val/mse"].dropna()) >= 1
