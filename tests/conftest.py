@@ -70,3 +70,11 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, digits_vae_dir: Path) 
     train(cfg)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     return run_dir
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B offline with none of its folders preset, so sdl-train must keep them inside the run folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.delenv(variable, raising=False)

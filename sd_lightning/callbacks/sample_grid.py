@@ -54,6 +54,7 @@ class SampleGridCallback(L.Callback):
         self.last_grid_path = path
         for logger in trainer.loggers:
             _log_image(logger, grid, trainer.global_step)
+            _log_sample_table(logger, images, self.prompts, self.num_per_prompt, trainer.global_step)
 
 
 def _log_image(logger: object, grid: Image.Image, step: int) -> None:
@@ -63,3 +64,17 @@ def _log_image(logger: object, grid: Image.Image, step: int) -> None:
         import numpy as np
 
         logger.experiment.add_image("val/samples", np.asarray(grid), step, dataformats="HWC")
+
+
+def _log_sample_table(logger: object, images: Sequence[Image.Image], prompts: Sequence[str], num_per_prompt: int,
+                      step: int) -> None:
+    """W&B only: one row per fixed-prompt sample, so the table view filters and compares them across steps."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    rows = [[step, prompt or "(unconditional)", index, wandb.Image(images[p * num_per_prompt + index])]
+            for p, prompt in enumerate(prompts) for index in range(num_per_prompt)]
+    logger.log_table(key="val/sample_table", columns=["step", "prompt", "seed_index", "image"], data=rows, step=step)

@@ -103,7 +103,8 @@ def _sweep_grouping(cfg: DictConfig) -> dict[str, str]:
         return {}
     hydra_cfg = HydraConfig.get()
     group = cfg.logger.wandb.get("group") or f"{cfg.name}-{Path(hydra_cfg.sweep.dir).name}"
-    return {"group": group, "name": hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"}
+    tags = [*(cfg.logger.wandb.get("tags") or []), "sweep", group]
+    return {"group": group, "name": hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}", "tags": tags}
 
 
 def train(cfg: DictConfig) -> float | None:

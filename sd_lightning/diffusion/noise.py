@@ -6,6 +6,9 @@ every device; composite noises are summed in float32 and cast to the latents' dt
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -103,3 +106,21 @@ class InputPerturbation:
 
     def __repr__(self) -> str:
         return f"InputPerturbation(gamma={self.gamma})"
+
+
+Randomness = torch.Generator | Sequence[torch.Generator]
+
+
+def draw(randomness: Randomness, batch: torch.Tensor | int, sampler: Callable[[Any, torch.Generator], torch.Tensor]
+         ) -> torch.Tensor:
+    """``sampler(batch, generator)`` with one generator for the whole batch, or sample by sample with one each.
+
+    Per-sample generators (seeded by each sample's id) make every random draw of a training step a function of
+    the sample alone, not of its batch position, batch size or process: N data-parallel processes then draw
+    exactly what one process draws for the same global batch.
+    """
+    if isinstance(randomness, torch.Generator):
+        return sampler(batch, randomness)
+    if isinstance(batch, int):
+        return torch.cat([sampler(1, generator) for generator in randomness])
+    return torch.cat([sampler(batch[i:i + 1], generator) for i, generator in enumerate(randomness)])

@@ -15,7 +15,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, 
 
 from sd_lightning.data.split import stable_seed
 from sd_lightning.diffusion.losses import MSELoss
-from sd_lightning.diffusion.noise import GaussianNoise
+from sd_lightning.diffusion.noise import GaussianNoise, Randomness, draw
 from sd_lightning.diffusion.objectives import Objective
 from sd_lightning.diffusion.schedules import sampling_scheduler
 from sd_lightning.diffusion.timesteps import UniformTimestepSampler
@@ -38,6 +38,9 @@ def _float64_collection(prefix: str) -> MetricCollection:
     )
     return collection.set_dtype(torch.float64)
 
+
+def _standard_normal(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(tuple(like.shape), generator=generator)
 
 class LatentDiffusionModule(L.LightningModule):
     """Trains a UNet to denoise VAE latents conditioned on text; the VAE (and by default the text encoder) are frozen.
@@ -193,18 +196,18 @@ class LatentDiffusionModule(L.LightningModule):
     def latent_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, generator: Randomness | None = None) -> torch.Tensor:
         """VAE latents times the scaling factor; a posterior sample when a generator is given, else its mode."""
         with torch.no_grad():
             posterior = self.vae.encode(pixel_values).latent_dist
             if generator is None:
                 latents = posterior.mode()
             else:
-                eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+                eps = draw(generator, posterior.mean, _standard_normal).to(posterior.mean)
                 latents = posterior.mean + posterior.std * eps
         return latents * self.latent_scale
 
-    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    def batch_latents(self, batch: dict[str, Any], generator: Randomness | None = None) -> torch.Tensor:
         """``encode_images`` of the batch's pixels, or, for a ``data.cache`` batch, the same from its stored posterior.
 
         A cached batch carries the unscaled posterior mean (``latents``) and ``latents_std`` and never calls the
@@ -214,7 +217,7 @@ class LatentDiffusionModule(L.LightningModule):
             return self.encode_images(batch["pixel_values"], generator)
         latents = batch["latents"]
         if generator is not None:
-            eps = torch.randn(latents.shape, generator=generator).to(latents)
+            eps = draw(generator, latents, _standard_normal).to(latents)
             latents = latents + batch["latents_std"] * eps
         return latents * self.latent_scale
 
@@ -263,9 +266,9 @@ class LatentDiffusionModule(L.LightningModule):
             self._prompt_cache.move_to_end(prompt)
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
-    def drop_conditions(self, prompts: Sequence[str], generator: torch.Generator) -> list[str]:
+    def drop_conditions(self, prompts: Sequence[str], generator: Randomness) -> list[str]:
         """Replace prompts by the empty prompt with probability ``cond_drop_prob`` (classifier-free guidance)."""
-        keep = torch.rand(len(prompts), generator=generator) >= self.cond_drop_prob
+        keep = draw(generator, len(prompts), lambda n, g: torch.rand(n, generator=g)) >= self.cond_drop_prob
         return [p if k else "" for p, k in zip(prompts, keep.tolist())]
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
@@ -274,18 +277,27 @@ class LatentDiffusionModule(L.LightningModule):
             stable_seed(self.seed, "train", self.current_epoch, batch_idx, self.global_rank)
         )
 
+    def sample_generators(self, batch: dict[str, Any], batch_idx: int) -> Randomness:
+        """One generator per sample, seeded by (seed, epoch, sample id), so a step's noise, timesteps and
+        condition dropout do not depend on batch size, batch position or the number of processes, and are
+        identical after a resume. Batches without ids fall back to ``step_generator``."""
+        ids = batch.get("id")
+        if not ids:
+            return self.step_generator(batch_idx)
+        return [torch.Generator().manual_seed(stable_seed(self.seed, "train", self.current_epoch, i)) for i in ids]
+
     # ----------------------------------------------------------------------------------------- training
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
-    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    def diffusion_loss(self, batch: dict[str, Any], generator: Randomness) -> torch.Tensor:
         """Per-sample weighted loss [B] for one batch."""
         latents = self.batch_latents(batch, generator)
         prompts = self.drop_conditions(batch["prompt"], generator)
         encoder_hidden_states = self.batch_hidden_states(batch, prompts)
-        noise = self.noise_sampler(latents, generator)
-        timesteps = self.timestep_sampler(latents.shape[0], generator).to(self.device)
-        input_noise = noise if self.input_perturbation is None else self.input_perturbation(noise, generator)
+        noise = draw(generator, latents, self.noise_sampler)
+        timesteps = draw(generator, latents.shape[0], self.timestep_sampler).to(self.device)
+        input_noise = noise if self.input_perturbation is None else draw(generator, noise, self.input_perturbation)
         noisy_latents = self.noise_scheduler.add_noise(latents, input_noise, timesteps)
         model_output = self(noisy_latents, timesteps, encoder_hidden_states)
         target = self.objective.target(latents, noise, timesteps, self.alphas_cumprod)
@@ -304,7 +316,7 @@ class LatentDiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if self.batch_size(batch) == 0:
             return None
-        loss = self.diffusion_loss(batch, self.step_generator(batch_idx)).mean()
+        loss = self.diffusion_loss(batch, self.sample_generators(batch, batch_idx)).mean()
         batch_size = self.batch_size(batch)
         if not torch.isfinite(loss):
             return None  # NonFiniteGuardCallback counts the skipped step

@@ -61,10 +61,7 @@ def test_git_state_records_commit_and_dirty_flag(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_writes_its_manifest_and_logs_it_to_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.delenv(variable, raising=False)
+def test_a_run_writes_its_manifest_and_logs_it_to_wandb(tmp_path, offline_wandb):
     run_dir = tmp_path / "run"
     cfg = compose_train(run_dir, [*TINY, "logger=wandb"])
     train(cfg)

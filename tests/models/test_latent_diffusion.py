@@ -116,3 +116,28 @@ def test_validation_metrics_are_deterministic_and_batch_size_free(trained_run, t
     for key, value in first.items():
         assert other[key] == pytest.approx(value, rel=1e-6), key
     assert set(first) >= {"val/mse", "val/rmse", "val/mae", "val/r2", "val/x0_mse"}
+
+
+@pytest.mark.parametrize("predictor", ["perfect", "mean"])
+def test_validation_r2_of_a_perfect_and_of_a_mean_predictor(train_config, predictor):
+    """Hand-computable ends of the scale: predicting the true noise gives MSE 0 and R² 1; predicting its
+    mean (0 for standard normal noise) gives MSE ≈ E[ε²] = 1 and R² ≈ 0."""
+    cfg = train_config(*FAST, "objective=epsilon", "model.components.vae_path=null", "data.source.limit=60",
+                       "~callbacks.sample_grid")
+    model = instantiate(cfg.model)
+    add_noise = model.noise_scheduler.add_noise
+    seen: dict[str, torch.Tensor] = {}
+
+    def recording_add_noise(latents, noise, timesteps):
+        seen["noise"] = noise
+        return add_noise(latents, noise, timesteps)
+
+    model.noise_scheduler.add_noise = recording_add_noise
+    model.forward = lambda noisy, t, states: seen["noise"].clone() if predictor == "perfect" else torch.zeros_like(noisy)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(model, datamodule=instantiate(cfg.data), verbose=False)
+    if predictor == "perfect":
+        assert metrics["val/mse"] == 0.0 and metrics["val/r2"] == pytest.approx(1.0, abs=1e-9)
+    else:
+        assert metrics["val/mse"] == pytest.approx(1.0, abs=0.05)
+        assert metrics["val/r2"] == pytest.approx(0.0, abs=1e-3)
