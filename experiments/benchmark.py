@@ -106,6 +106,10 @@ def build_rows(mode: Mode) -> list[Row]:
         Row("cache", "data.cache (sd_lightning.data.cache: VAE posteriors + text-encoder states built once by "
                      "build_cache, untimed) vs encoding images and prompts in every step",
             [("encode each step", lightning), ("data.cache", spec("lightning", batch, cache=True))], k, r),
+        Row("cache_imagefolder64", "the same on a 64x64 image folder (data=imagefolder, digits written as PNGs into "
+                                   "class folders; 4x16x16 latents): data.cache vs encoding in every step",
+            [("encode each step", spec("lightning", batch, image_folder=64)),
+             ("data.cache", spec("lightning", batch, image_folder=64, cache=True))], k, r),
         Row("sampling", f"images/s: sd_lightning generate() vs plain diffusers StableDiffusionPipeline "
                         f"(DDIM, {mode.sample_steps} steps, batch {mode.sample_batch}, same weights; goal: no slower)",
             [("diffusers pipeline", spec("sample_diffusers", steps=mode.sample_steps, batch=mode.sample_batch)),
@@ -185,12 +189,29 @@ def apply_unet_option(unet: Any, option: str | None, info: dict[str, Any]) -> No
         info["compile_backend"] = option.split(":", 1)[1]
 
 
+def write_image_folder(root: Path, size: int, count: int = 400) -> Path:
+    """``count`` digits as ``size``-pixel PNGs in class folders (captions from the folder names), like a user's folder."""
+    from sd_lightning.data.sources import DigitsSource
+
+    source = DigitsSource(size=size, limit=count)
+    for index, item in enumerate(source.items):
+        folder = root / str(item.label).replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        source.load_image(index).save(folder / f"{index:05d}.png")
+    return root
+
+
 def run_lightning(config: dict[str, Any], channel: Channel | None, budget: int, scratch: Path) -> dict[str, Any]:
     """A real L.Trainer fit of LatentDiffusionModule built from the Hydra config, as sdl-train builds it."""
     import lightning as L
     from hydra.utils import instantiate
 
-    cfg = compose_config(config["overrides"], scratch / "run")
+    overrides = list(config["overrides"])
+    if config.get("image_folder"):
+        size = int(config["image_folder"])
+        folder = write_image_folder(scratch / "images", size)
+        overrides += ["data=imagefolder", f"data.root={folder}", f"data.resolution={size}"]
+    cfg = compose_config(overrides, scratch / "run")
     info: dict[str, Any] = {}
     if config.get("cache"):
         from omegaconf import OmegaConf

@@ -1,6 +1,6 @@
 """Summarize a digits multirun: per job, the swept overrides, final validation metrics and sample quality.
 
-Usage: python experiments/sweeps/summarize.py multirun/digits/<stamp> [--out results.md]
+Usage: python experiments/sweeps/summarize.py multirun/digits/<stamp> [more sweep folders] [--out results.md]
 """
 
 from __future__ import annotations
@@ -31,24 +31,24 @@ def summarize(sweep_dir: Path, per_class: int = 20) -> list[dict]:
         metrics = pd.read_csv(job / "csv" / "metrics.csv")
         val = metrics.dropna(subset=["val/mse"]).iloc[-1]
         quality = measure(job / "checkpoints" / "last.ckpt", per_class=per_class)
-        log = (job / "train.log").read_text().splitlines()
-        stamps = [pd.Timestamp(line[1:24].replace(",", ".")) for line in log if line.startswith("[20")]
+        # Wall time of the job: from Hydra writing its config to the last metrics row.
+        seconds = (job / "csv" / "metrics.csv").stat().st_mtime - (job / ".hydra" / "config.yaml").stat().st_mtime
         rows.append({
             "job": job.name,
             "overrides": " ".join(o for o in overrides if "=" in o and not o.startswith(("hydra", "paths"))),
             "val_mse": float(val["val/mse"]), "val_r2": float(val["val/r2"]),
             "accuracy": quality["accuracy"], "diversity": quality["diversity"],
-            "minutes": round((stamps[-1] - stamps[0]).total_seconds() / 60, 1) if len(stamps) > 1 else None,
+            "minutes": round(seconds / 60, 1),
         })
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("sweep_dir", type=Path, nargs="+", help="one or more multirun folders")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    rows = summarize(args.sweep_dir)
+    rows = [row for sweep_dir in args.sweep_dir for row in summarize(sweep_dir)]
     table = ["| overrides | val MSE | val R² | accuracy | diversity | minutes |", "|---|---|---|---|---|---|"]
     table += [f"| {r['overrides']} | {r['val_mse']:.4f} | {r['val_r2']:.3f} | {r['accuracy']:.3f} | "
               f"{r['diversity']:.3f} | {r['minutes']} |" for r in rows]

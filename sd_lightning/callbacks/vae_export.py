@@ -1,36 +1,64 @@
-"""Save a trained VAE with its data-derived latent scaling factor, for the diffusion stage to load."""
+"""Save a trained VAE with its data-derived latent scaling, for the diffusion stage to load."""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import shutil
 from pathlib import Path
 
 import lightning as L
 
+from sd_lightning.models.autoencoder import fold_latent_standardization
+
 log = logging.getLogger(__name__)
+
+STANDARDIZATIONS = ("global", "per_channel")
 
 
 class VaeExportCallback(L.Callback):
-    """At the end of fit, measures 1/std of the training latents and writes ``out_dir`` atomically."""
+    """At the end of fit, measures the training latents' statistics and writes ``out_dir`` atomically.
 
-    def __init__(self, out_dir: str, max_batches: int | None = None) -> None:
+    ``standardization``: ``global`` sets the VAE's ``scaling_factor`` to 1/std over all latent values (as SD 1.x);
+    ``per_channel`` folds each channel's mean and std from the training split into the VAE's latent 1x1
+    convolutions (see ``fold_latent_standardization``) and sets ``scaling_factor`` to 1, so diffusion sees
+    zero-mean unit-variance channels and the exported VAE still works in a plain diffusers pipeline. The
+    measured statistics are stored beside the weights in ``latent_statistics.json``.
+    """
+
+    def __init__(self, out_dir: str, max_batches: int | None = None, standardization: str = "global") -> None:
+        if standardization not in STANDARDIZATIONS:
+            raise ValueError(f"callbacks.vae_export.standardization={standardization!r} must be one of "
+                             f"{list(STANDARDIZATIONS)}")
         self.out_dir = Path(out_dir)
         self.max_batches = max_batches
+        self.standardization = standardization
         self.scaling_factor: float | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
         loader = trainer.datamodule.plain_train_dataloader()
-        self.scaling_factor = pl_module.compute_scaling_factor(loader, self.max_batches)
+        stats = pl_module.compute_latent_statistics(loader, self.max_batches)
         if not trainer.is_global_zero:
             return
-        pl_module.vae.register_to_config(scaling_factor=self.scaling_factor)
+        vae = copy.deepcopy(pl_module.vae)
+        if self.standardization == "per_channel":
+            fold_latent_standardization(vae, stats.mean, stats.std)
+            self.scaling_factor = 1.0
+        else:
+            self.scaling_factor = 1.0 / stats.overall_std
+        vae.register_to_config(scaling_factor=self.scaling_factor)
         tmp = self.out_dir.with_name(self.out_dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.vae.save_pretrained(tmp, safe_serialization=True)
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "latent_statistics.json").write_text(json.dumps(
+            {"standardization": self.standardization, "scaling_factor": self.scaling_factor,
+             "channel_mean": stats.mean, "channel_std": stats.std, "overall_std": stats.overall_std,
+             "max_batches": self.max_batches}, indent=2) + "\n")
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         tmp.rename(self.out_dir)
-        log.info("saved VAE (scaling factor %.5f) to %s", self.scaling_factor, self.out_dir)
+        log.info("saved VAE (%s standardization, scaling factor %.5f) to %s", self.standardization,
+                 self.scaling_factor, self.out_dir)

@@ -64,11 +64,15 @@ def check_sampling(problems: list[str], cfg: DictConfig, prefix: str = "sampling
 
 
 def check_conditioning(problems: list[str], cfg: DictConfig) -> None:
-    """data.conditioning / labeled_fraction / keep_tokens, when the data config has them."""
+    """data.conditioning / labeled_fraction / unlabeled / train_fraction / keep_tokens, when the data config has them."""
     conditioning = _get(cfg, "data.conditioning")
     if conditioning is not None and conditioning not in ("text", "class", "none"):
         problems.append(f"data.conditioning={conditioning!r} must be 'text', 'class' or 'none'")
     _check_number(problems, cfg, "data.labeled_fraction", float, 0.0, 1.0, optional=True)
+    _check_number(problems, cfg, "data.train_fraction", float, 0.0, 1.0, optional=True)
+    unlabeled = _get(cfg, "data.unlabeled")
+    if unlabeled is not None and unlabeled not in ("null_prompt", "drop"):
+        problems.append(f"data.unlabeled={unlabeled!r} must be 'null_prompt' or 'drop'")
     _check_number(problems, cfg, "data.keep_tokens", int, 0, optional=True)
     template = _get(cfg, "data.caption_template")
     if template is not None and "{class_name}" not in str(template):

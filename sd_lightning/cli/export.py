@@ -29,6 +29,12 @@ def export(cfg: DictConfig) -> Path:
     pipeline, sampling = load_pipeline(cfg.ckpt_path, scheduler=cfg.scheduler, use_ema=cfg.use_ema)
     if cfg.scheduler:
         sampling["scheduler"] = cfg.scheduler
+    unet_config = pipeline.unet.config
+    if unet_config.get("num_class_embeds") or unet_config.get("class_embed_type"):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: the UNet has a learned class embedding (num_class_embeds="
+                          f"{unet_config.get('num_class_embeds')}, class_embed_type={unet_config.get('class_embed_type')})"
+                          ", which a plain StableDiffusionPipeline cannot pass class labels to; train class labels "
+                          "through prompts instead (data.conditioning=class with data.caption_template)")
     lora = has_lora(pipeline.unet)
     if cfg.merge_lora and not lora:
         raise ConfigError(f"merge_lora=true: ckpt_path={cfg.ckpt_path} has no LoRA adapters (it is a full model)")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sd_lightning.data.inspection import CAPTION_REASONS, InspectionReport, Reason
+from sd_lightning.data.inspection import CAPTION_REASONS, InspectionReport
 from sd_lightning.data.sources import IMAGE_EXTENSIONS, DataRootError, ImageFolderSource
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def write_exclusions(report: InspectionReport, path: Path) -> tuple[dict[str, li
     """``exclude.txt``: one id per line with its reasons as a comment, the format ``data.exclude`` reads."""
     excluded = {name: [p.reason.value for p in found] for name, found in report.excluded().items()}
     lines = [f"# sdl-data clean: error-severity items of {report.root} (report {report.created})",
-             "# use with data.exclude=<this file> or +data.source.exclude_file=<this file> (see clean_summary.md)",
+             "# use with data.exclude=<this file> (see clean_summary.md)",
              "# one id per line; '#' starts a comment"]
     bad = [name for name in excluded if not _excludable(name)]
     lines += [f"{name}  # {', '.join(reasons)}" for name, reasons in excluded.items() if _excludable(name)]
@@ -131,10 +131,8 @@ class CleanedImageFolderSource(ImageFolderSource):
         exclude_file: str | Path | None = None,
         caption_fills: str | Path | None = None,
     ) -> None:
-        from sd_lightning.data.datamodule import read_exclusions  # lightning: imported only when training
-
-        excluded = [*exclude, *read_exclusions(exclude_file)]
-        super().__init__(root, caption_template=caption_template, extensions=extensions, exclude=excluded)
+        super().__init__(root, caption_template=caption_template, extensions=extensions, exclude=exclude,
+                         exclude_file=exclude_file)
         fills = read_caption_fills(caption_fills)
         unknown = set(fills).difference(item.id for item in self.items)
         if unknown:
@@ -161,14 +159,10 @@ def clean(report: InspectionReport, out_dir: str | Path, fill_captions: str = "n
 
 def training_overrides(result: CleanResult, report: InspectionReport) -> list[str]:
     """The ``sdl-train`` overrides that apply this result."""
-    escapes = any(Reason.PATH_ESCAPES_ROOT.value in reasons for reasons in result.excluded.values())
-    if result.fills_file is None and not escapes:
-        return [f"data.root={report.root}", f"data.exclude={result.exclude_file.resolve()}"]
-    overrides = [f"data.root={report.root}",
-                 "data.source._target_=sd_lightning.data.cleaning.CleanedImageFolderSource",
-                 f"+data.source.exclude_file={result.exclude_file.resolve()}"]
+    overrides = [f"data.root={report.root}", f"data.exclude={result.exclude_file.resolve()}"]
     if result.fills_file is not None:
-        overrides.append(f"+data.source.caption_fills={result.fills_file.resolve()}")
+        overrides += ["data.source._target_=sd_lightning.data.cleaning.CleanedImageFolderSource",
+                      f"+data.source.caption_fills={result.fills_file.resolve()}"]
     return overrides
 
 

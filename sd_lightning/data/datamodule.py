@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,9 +12,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from sd_lightning.data.sources import ImageSource, UnreadableImageError
-from sd_lightning.data.split import split_indices, stable_seed
+from sd_lightning.data.sources import ImageSource, UnreadableImageError, read_exclusions
+from sd_lightning.data.split import split_fraction, split_indices, stable_seed
 from sd_lightning.data.transforms import CaptionTransform, ColorJitter, ImageTransform
+
+# What training does with items outside data.labeled_fraction.
+UNLABELED_POLICIES = ("null_prompt", "drop")
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +131,6 @@ class ShardedEvalSampler(DistributedSampler):
         return self.num_samples
 
 
-def read_exclusions(path: str | Path | None) -> list[str]:
-    """Item ids listed one per line (``#`` comments allowed), as ``sdl-data clean`` writes them."""
-    if not path:
-        return []
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"data.exclude={file} does not exist")
-    lines = (line.split("#", 1)[0].strip() for line in file.read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line]
-
-
 class DiffusionDataModule(L.LightningDataModule):
     """Owns the source, exclusions, the train/validation split and preprocessing.
 
@@ -147,7 +138,7 @@ class DiffusionDataModule(L.LightningDataModule):
     process. Training batches come from a ``StatefulDataLoader`` whose position Lightning saves in the
     checkpoint, so a resumed run continues mid-epoch with the same batches.
 
-    Augmentation (``center_crop``, ``random_flip``, ``color_jitter``; presets in ``conf/augmentation``) is
+    Augmentation (``center_crop``, ``random_flip``, ``color_jitter``, ``max_zoom``; presets in ``conf/augmentation``) is
     drawn per (seed, epoch, sample). ``buckets`` (e.g. ``{multiple: 8, max_aspect: 2.0}``, see ``buckets.py``)
     trains on aspect-ratio buckets; validation stays square center-cropped, so validation numbers compare
     across bucket settings. ``conditioning``, ``caption_template``, ``labeled_fraction``, ``shuffle_tags`` and
@@ -179,20 +170,30 @@ class DiffusionDataModule(L.LightningDataModule):
         keep_tokens: int = 0,
         root: str | None = None,
         cache: str | None = None,
+        train_fraction: float = 1.0,
+        unlabeled: str = "null_prompt",
+        max_zoom: float = 1.0,
     ) -> None:
         """``stateful=False`` uses a plain DataLoader, whose position a checkpoint cannot hold (a resumed
         run then sees other batches); it exists to demonstrate that, not for real runs. ``root`` is the
         ``data.root`` of folder configs, which their source reads; accepted here so that key can live at the top.
         ``cache``: a folder written by ``sdl-data cache`` (see ``cache.py``); both splits then yield cached VAE
-        latents and text-encoder states instead of pixels, checked against this config and the attached model."""
+        latents and text-encoder states instead of pixels, checked against this config and the attached model.
+        ``train_fraction`` keeps a stable share of the training split (by id hash; validation unchanged), for
+        few-image studies. ``unlabeled``: ``null_prompt`` trains items outside ``labeled_fraction`` on the null
+        prompt (semi-supervised); ``drop`` leaves them out of training (the labeled-only baseline)."""
         super().__init__()
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"data.train_fraction={train_fraction} must be in (0, 1]")
+        if unlabeled not in UNLABELED_POLICIES:
+            raise ValueError(f"data.unlabeled={unlabeled!r} must be one of {list(UNLABELED_POLICIES)}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.source = source
         self.transform = ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
-                                        color_jitter=color_jitter)
+                                        color_jitter=color_jitter, max_zoom=max_zoom)
         self.captions = CaptionTransform(conditioning, caption_template, labeled_fraction, shuffle_tags, keep_tokens)
         from sd_lightning.data.buckets import AspectRatioBuckets  # buckets.py builds on this module's sampler
 
@@ -213,12 +214,15 @@ class DiffusionDataModule(L.LightningDataModule):
         self.sample_prompts = list(sample_prompts)
         self.stateful = stateful
         self.cache = cache
+        self.train_fraction = train_fraction
+        self.unlabeled = unlabeled
         self.collate_fn: Callable[[Sequence[dict[str, Any] | None]], dict[str, Any]] = collate_examples
         self.train_dataset: DiffusionDataset | None = None
         self.val_dataset: DiffusionDataset | None = None
 
     def split(self, ids: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Train and validation positions of ``ids``: the stable-hash split minus ``data.exclude``."""
+        """Train and validation positions of ``ids``: the stable-hash split minus ``data.exclude``, then the
+        training share (``train_fraction``) and, with ``unlabeled=drop``, only labeled training items."""
         excluded = set(read_exclusions(self.exclude))
         if excluded:
             unknown = excluded.difference(ids)
@@ -227,8 +231,14 @@ class DiffusionDataModule(L.LightningDataModule):
         train, val = split_indices(ids, self.val_fraction, self.split_salt)
         train = [i for i in train if ids[i] not in excluded]
         val = [i for i in val if ids[i] not in excluded]
+        if self.train_fraction < 1.0:
+            train = [i for i in train if split_fraction(ids[i], "train_fraction") < self.train_fraction]
+        if self.unlabeled == "drop":
+            train = [i for i in train if self.captions.is_labeled(ids[i])]
         if not train:
-            raise ValueError(f"the training split of {self.source.describe()} is empty")
+            raise ValueError(f"the training split of {self.source.describe()} is empty (data.train_fraction="
+                             f"{self.train_fraction}, data.labeled_fraction={self.captions.labeled_fraction}, "
+                             f"data.unlabeled={self.unlabeled})")
         if self.val_fraction > 0 and not val:
             raise ValueError(f"data.val_fraction={self.val_fraction} left no validation items; raise it")
         return train, val

@@ -128,12 +128,25 @@ def _read_metadata(root: Path) -> dict[str, str | None] | None:
     return captions
 
 
+def read_exclusions(path: str | Path | None) -> list[str]:
+    """Item ids listed one per line (``#`` comments allowed), as ``sdl-data clean`` writes them."""
+    if not path:
+        return []
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data.exclude={file} does not exist")
+    lines = (line.split("#", 1)[0].strip() for line in file.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
 class ImageFolderSource(ImageSource):
     """A user's folder of images.
 
     Captions come, in this order, from ``metadata.jsonl``/``metadata.csv`` (``file_name`` + ``text``),
     a sidecar ``<image>.txt``, or the class sub-folder name through ``caption_template``.
-    Files are never modified; paths named by metadata must stay inside ``root``.
+    Files are never modified; paths named by metadata must stay inside ``root``. ``exclude`` and the ids in
+    ``exclude_file`` (``data.exclude``, as ``sdl-data clean`` writes it) are dropped before any path check, so
+    excluding a metadata row that escapes the root makes the folder usable.
     """
 
     def __init__(
@@ -142,13 +155,14 @@ class ImageFolderSource(ImageSource):
         caption_template: str | None = "{class_name}",
         extensions: Sequence[str] = tuple(sorted(IMAGE_EXTENSIONS)),
         exclude: Sequence[str] = (),
+        exclude_file: str | Path | None = None,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise DataRootError(f"data.root={root!s} is not a folder (resolved to {self.root})")
         self.caption_template = caption_template
         extensions = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-        excluded = set(exclude)
+        excluded = {*exclude, *read_exclusions(exclude_file)}
         metadata = _read_metadata(self.root)
         if metadata is not None:
             relative_paths = [name for name in metadata if name not in excluded]

@@ -44,6 +44,8 @@ class ImageTransform:
     """Resize to cover the target, crop (center or random), optionally flip and jitter colors, normalize to [-1, 1].
 
     The target is ``resolution`` square, or the ``size`` (width, height) of an aspect-ratio bucket.
+    ``max_zoom`` > 1 (random crops only) first resizes to cover the target times a factor uniform in
+    [1, max_zoom], so the random crop also shifts and zooms images that already have the target's shape.
     ``rng`` decides random crops, flips and jitter, so a caller that seeds it per sample gets reproducible
     augmentation that does not depend on worker count.
     """
@@ -55,9 +57,16 @@ class ImageTransform:
         random_flip: bool = False,
         resample: str = "bicubic",
         color_jitter: ColorJitter | None = None,
+        max_zoom: float = 1.0,
     ) -> None:
         if resolution < 8:
             raise ValueError(f"data.resolution must be at least 8, got {resolution}")
+        if not 1.0 <= max_zoom <= 4.0:
+            raise ValueError(f"data.max_zoom={max_zoom} must be in [1, 4] (1 = no zoom)")
+        if max_zoom > 1.0 and center_crop:
+            raise ValueError(f"data.max_zoom={max_zoom} needs random crops (data.center_crop=false), or it would "
+                             "only cut the borders away")
+        self.max_zoom = max_zoom
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -71,6 +80,8 @@ class ImageTransform:
         target_w, target_h = size or (self.resolution, self.resolution)
         width, height = image.size
         scale = max(target_w / width, target_h / height)
+        if self.max_zoom > 1.0:
+            scale *= rng.uniform(1.0, self.max_zoom)
         new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
         if new_size != image.size:
             image = image.resize(new_size, self.resample)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -159,25 +160,36 @@ class AutoencoderModule(L.LightningModule):
         self.val_ssim.reset()
 
     @torch.no_grad()
-    def compute_scaling_factor(self, batches: Iterable[dict[str, Any]], max_batches: int | None = None) -> float:
-        """1 / std of the training latents, the number SD 1.x hard-codes as 0.18215 for its own VAE."""
+    def compute_latent_statistics(self, batches: Iterable[dict[str, Any]],
+                                  max_batches: int | None = None) -> LatentStatistics:
+        """Mean and std of the training latents (posterior samples drawn with a fixed seed), overall and per channel."""
         was_training = self.training
         self.eval()
-        total, total_sq, count = 0.0, 0.0, 0
+        total = total_sq = None
+        count = 0
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "scaling"))
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
             posterior = self.vae.encode(batch["pixel_values"].to(self.device)).latent_dist
-            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)).double()
-            total += latents.sum().item()
-            total_sq += latents.pow(2).sum().item()
-            count += latents.numel()
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+            latents = (posterior.mean + posterior.std * noise).double()
+            sums, squares = latents.sum(dim=(0, 2, 3)), latents.pow(2).sum(dim=(0, 2, 3))
+            total = sums if total is None else total + sums
+            total_sq = squares if total_sq is None else total_sq + squares
+            count += latents.numel() // latents.shape[1]
         self.train(was_training)
         if count == 0:
-            raise RuntimeError("cannot compute the VAE scaling factor: the training split is empty")
-        variance = total_sq / count - (total / count) ** 2
-        return float(1.0 / max(variance, 1e-12) ** 0.5)
+            raise RuntimeError("cannot compute the VAE latent statistics: the training split is empty")
+        mean = total / count
+        std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+        overall_mean = total.sum() / (count * len(total))
+        overall_var = total_sq.sum() / (count * len(total)) - overall_mean.pow(2)
+        return LatentStatistics(mean=mean.tolist(), std=std.tolist(), overall_std=float(overall_var.clamp_min(1e-24).sqrt()))
+
+    def compute_scaling_factor(self, batches: Iterable[dict[str, Any]], max_batches: int | None = None) -> float:
+        """1 / std of the training latents, the number SD 1.x hard-codes as 0.18215 for its own VAE."""
+        return 1.0 / self.compute_latent_statistics(batches, max_batches).overall_std
 
     def configure_optimizers(self) -> Any:
         if self.discriminator is not None:
@@ -193,3 +205,42 @@ class AutoencoderModule(L.LightningModule):
             self.trainable_parameters(),
             int(self.trainer.estimated_stepping_batches),
         )
+
+
+@dataclass(frozen=True)
+class LatentStatistics:
+    """Per-channel mean/std of the training latents and the std over all channels."""
+
+    mean: list[float]
+    std: list[float]
+    overall_std: float
+
+
+@torch.no_grad()
+def fold_latent_standardization(vae: AutoencoderKL, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Make ``vae`` encode to per-channel standardized latents ``(z - mean) / std`` and decode them, in place.
+
+    The affine map goes into the two 1x1 convolutions around the latent (``quant_conv`` produces the posterior's
+    mean and log-variance, ``post_quant_conv`` reads the latent), so it is exact and any plain diffusers pipeline
+    that loads the folder gets it; the caller sets ``scaling_factor`` to 1.
+    """
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("per-channel latent standardization needs a VAE with quant_conv and post_quant_conv "
+                         "(use_quant_conv / use_post_quant_conv in its config)")
+    channels = vae.config.latent_channels
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"latent statistics have {len(mean)} means / {len(std)} stds for {channels} latent channels")
+    weight = vae.quant_conv.weight
+    mu = torch.tensor(mean, dtype=torch.float64)
+    sigma = torch.tensor(std, dtype=torch.float64)
+    if bool((sigma <= 0).any()):
+        raise ValueError(f"latent stds must be positive, got {std}")
+    quant_w, quant_b = weight.double(), vae.quant_conv.bias.double()
+    quant_w[:channels] /= sigma.view(-1, 1, 1, 1)
+    quant_b[:channels] = (quant_b[:channels] - mu) / sigma
+    quant_b[channels:] -= 2.0 * sigma.log()
+    vae.quant_conv.weight.copy_(quant_w)
+    vae.quant_conv.bias.copy_(quant_b)
+    post_w, post_b = vae.post_quant_conv.weight.double(), vae.post_quant_conv.bias.double()
+    vae.post_quant_conv.bias.copy_(post_b + post_w[:, :, 0, 0] @ mu)
+    vae.post_quant_conv.weight.copy_(post_w * sigma.view(1, -1, 1, 1))

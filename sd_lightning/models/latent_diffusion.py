@@ -74,8 +74,14 @@ class LatentDiffusionModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
         lora: LoraSpec | None = None,
+        channels_last: bool = False,
+        compile: str | None = None,
     ) -> None:
         """``path`` records the pretrained folder the components came from (``model=pretrained``).
+
+        ``channels_last`` stores the UNet's convolution weights NHWC; ``compile`` (a ``torch.compile`` backend
+        such as ``inductor``) compiles the UNet in place, keeping its parameter names. Both are speed knobs whose
+        effect ``experiments/benchmark.py`` measures; exports and checkpoints are unaffected.
 
         ``lora`` trains peft LoRA adapters instead of the UNet (and, with ``lora.text_encoder``, of the text
         encoder): the base weights are frozen, and only the adapters reach the optimizer and EMA.
@@ -117,6 +123,10 @@ class LatentDiffusionModule(L.LightningModule):
             self.unet.set_attn_processor(AttnProcessor())
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet.compile(backend=compile)
         self.cond_drop_prob = cond_drop_prob
         self.lora = lora
         # Text-encoder adapters are trained weights: the encoder runs in train mode and is not memoized.
@@ -150,6 +160,8 @@ class LatentDiffusionModule(L.LightningModule):
                 "rescale_betas_zero_snr": bool(self.noise_scheduler.config.rescale_betas_zero_snr),
                 "gradient_checkpointing": gradient_checkpointing,
                 "attention": attention,
+                "channels_last": channels_last,
+                "compile": compile,
                 "cond_drop_prob": cond_drop_prob,
                 "train_text_encoder": self.train_text_encoder,
                 "lora": None if lora is None else lora.to_dict(),

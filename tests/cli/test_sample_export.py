@@ -104,6 +104,20 @@ def test_export_refuses_to_overwrite_and_sample_rejects_bad_values(trained_run, 
         sample(_cfg("sample", ckpt_path=ckpt, out_dir=str(tmp_path / "x"), scheduler="heun"))
 
 
+def test_export_refuses_a_unet_with_a_learned_class_embedding(trained_run, tmp_path):
+    """Class labels must travel through prompts to reach a plain pipeline; a class-embedding UNet is refused."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(export(_cfg("export", ckpt_path=str(trained_run / "checkpoints" /
+                                                                                      "last.ckpt"),
+                                                               out_dir=str(tmp_path / "plain"))), local_files_only=True)
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "num_class_embeds": 10})
+    pipe.save_pretrained(tmp_path / "classes", safe_serialization=True)
+    with pytest.raises(ConfigError, match="learned class embedding .*num_class_embeds=10.*data.conditioning=class"):
+        export(_cfg("export", ckpt_path=str(tmp_path / "classes"), out_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_sample_cli_end_to_end(trained_run, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(

@@ -17,6 +17,7 @@ PRESETS = {
     "flip": (True, True, False),
     "crop_flip": (False, True, False),
     "color_jitter": (False, True, True),
+    "zoom_crop": (False, False, False),
 }
 
 
@@ -88,3 +89,22 @@ def test_flip_mirrors_half_of_the_samples(tmp_path):
     unchanged = [torch.equal(f, p) for f, p in zip(flipped, plain)]
     assert all(m or u for m, u in zip(mirrored, unchanged))
     assert 0.25 < np.mean(mirrored) < 0.75
+
+
+def test_zoom_crop_shifts_and_scales_square_images_that_a_plain_random_crop_leaves_alone():
+    image = Image.new("RGB", (16, 16))
+    image.paste((255, 255, 255), (6, 6, 10, 10))  # a centered white square
+    plain = ImageTransform(resolution=16, center_crop=False)
+    zoom = ImageTransform(resolution=16, center_crop=False, max_zoom=1.5)
+    reference = plain(image)
+    assert all(torch.equal(plain(image, random.Random(s)), reference) for s in range(5))  # nothing to crop
+    outputs = [zoom(image, random.Random(s)) for s in range(20)]
+    assert all(o.shape == (3, 16, 16) for o in outputs)
+    centers = {tuple(np.argwhere(o[0].numpy() > 0).mean(axis=0).round(1)) for o in outputs}
+    areas = [int((o[0] > 0).sum()) for o in outputs]
+    assert len(centers) > 5 and max(areas) > int((reference[0] > 0).sum())  # moved and enlarged
+    assert torch.equal(outputs[3], zoom(image, random.Random(3)))
+    with pytest.raises(ValueError, match="data.max_zoom=1.5 needs random crops"):
+        ImageTransform(resolution=16, center_crop=True, max_zoom=1.5)
+    with pytest.raises(ValueError, match=r"data.max_zoom=0.5 must be in \[1, 4\]"):
+        ImageTransform(resolution=16, center_crop=False, max_zoom=0.5)

@@ -70,6 +70,31 @@ def test_unlabeled_samples_get_exactly_the_null_prompt_condition_dropout_uses(tr
     assert CaptionTransform()(SourceItem(id="x", caption=None)) is None
 
 
+def test_unlabeled_drop_trains_on_the_labeled_share_alone_with_the_same_validation():
+    semi = _datamodule(labeled_fraction=0.3, limit=None)
+    alone = _datamodule(labeled_fraction=0.3, unlabeled="drop", limit=None)
+    semi_train, alone_train = _prompts(semi), _prompts(alone)
+    assert set(alone_train) == {i for i, p in semi_train.items() if p}  # exactly the labeled training items
+    assert all(alone_train.values()) and "" in semi_train.values()
+    assert _prompts(alone, "val") == _prompts(semi, "val")
+    assert abs(len(alone_train) / len(semi_train) - 0.3) < 0.04
+
+
+def test_train_fraction_keeps_a_stable_nested_share_of_training_and_leaves_validation_alone():
+    full = _datamodule(limit=None)
+    tenth, fifth = _datamodule(train_fraction=0.1, limit=None), _datamodule(train_fraction=0.2, limit=None)
+    assert abs(len(tenth.train_dataset) / len(full.train_dataset) - 0.1) < 0.02
+    assert set(tenth.train_dataset.indices) < set(fifth.train_dataset.indices) < set(full.train_dataset.indices)
+    assert tenth.train_dataset.indices == _datamodule(train_fraction=0.1, limit=None).train_dataset.indices
+    assert tenth.val_dataset.indices == full.val_dataset.indices
+    with pytest.raises(ValueError, match=r"data.train_fraction=0.0 must be in \(0, 1\]"):
+        _datamodule(train_fraction=0.0)
+    with pytest.raises(ValueError, match="data.unlabeled='skip' must be one of"):
+        _datamodule(unlabeled="skip")
+    with pytest.raises(ValueError, match="training split .* is empty .*data.unlabeled=drop"):
+        _datamodule(labeled_fraction=0.0, unlabeled="drop")
+
+
 def test_tag_shuffling_keeps_leading_tokens_and_is_deterministic_per_seed_epoch_sample():
     caption = "portrait, oil painting, red hair, smiling, blue background"
     shuffled = {shuffle_tags(caption, random.Random(s), keep_tokens=1) for s in range(30)}
@@ -98,6 +123,8 @@ def test_bad_conditioning_settings_fail_naming_the_key(tmp_path):
     for override, message in (("data.conditioning=labels", "data.conditioning='labels' must be"),
                               ("data.labeled_fraction=1.5", "data.labeled_fraction=1.5 must be <= 1.0"),
                               ("data.keep_tokens=-1", "data.keep_tokens=-1 must be >= 0"),
+                              ("data.unlabeled=skip", "data.unlabeled='skip' must be 'null_prompt' or 'drop'"),
+                              ("data.train_fraction=2", "data.train_fraction=2 must be <= 1.0"),
                               ("data.caption_template=digit", "must contain '{class_name}'")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
             validate_train_config(compose_train(tmp_path / "run", [override]))

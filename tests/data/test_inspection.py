@@ -14,7 +14,7 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from sd_lightning.data.cleaning import CleanedImageFolderSource, clean, read_caption_fills
+from sd_lightning.data.cleaning import CleanedImageFolderSource, clean, read_caption_fills, training_overrides
 from sd_lightning.data.datamodule import DiffusionDataModule, read_exclusions
 from sd_lightning.data.inspection import (
     InspectionReport,
@@ -205,12 +205,13 @@ def test_clean_outputs_drive_training_on_the_rest(messy, tmp_path):
     assert fills == {name: "a photo of flowers" for name in ("no_caption.png", "blank_caption.png", "latin1.png")}
     kept = sorted(set(report.training_ids) - set(excluded))
 
-    # The plain source refuses a metadata row escaping the root; exclude.txt through data.exclude works
-    # once the source drops those rows, and CleanedImageFolderSource reads exclude.txt itself.
+    # The plain source refuses a metadata row escaping the root; with exclude.txt (which lists those rows) the
+    # source drops them before any path check, whether it reads the file itself or gets the ids.
     with pytest.raises(DataRootError, match="escapes the data root"):
         ImageFolderSource(root)
     escaping = [name for name, codes in expected.items() if codes == {"path_escapes_root"}]
     for source, exclude in ((ImageFolderSource(root, exclude=escaping), str(result.exclude_file)),
+                            (ImageFolderSource(root, exclude_file=result.exclude_file), str(result.exclude_file)),
                             (CleanedImageFolderSource(root, exclude_file=result.exclude_file,
                                                       caption_fills=result.fills_file), None)):
         datamodule = DiffusionDataModule(source, resolution=32, val_fraction=0.0, batch_size=len(kept),
@@ -226,16 +227,18 @@ def test_clean_outputs_drive_training_on_the_rest(messy, tmp_path):
 
 
 def test_training_config_takes_the_printed_overrides(messy, tmp_path):
-    root, _, report, _ = messy
-    result = clean(report, tmp_path / "clean", fill_captions="class_name")
-    cfg = compose_train(tmp_path / "run", [
-        "data=imagefolder", f"data.root={root}", "data.val_fraction=0.0",
-        "data.source._target_=sd_lightning.data.cleaning.CleanedImageFolderSource",
-        f"+data.source.exclude_file={result.exclude_file}", f"+data.source.caption_fills={result.fills_file}"])
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    assert len(datamodule.train_dataset) == len(report.training_ids) - len(report.excluded())
-    assert {item.id: item.caption for item in datamodule.source.items}["latin1.png"] == "flowers"
+    """The overrides `sdl-data clean` prints work as printed, with and without caption fills (the folder has
+    metadata rows escaping the root, which data.exclude alone must make usable)."""
+    _, _, report, _ = messy
+    for fill, caption in (("class_name", "flowers"), ("none", None)):
+        result = clean(report, tmp_path / f"clean_{fill}", fill_captions=fill)
+        overrides = training_overrides(result, report)
+        assert overrides[:2] == [f"data.root={report.root}", f"data.exclude={result.exclude_file.resolve()}"]
+        cfg = compose_train(tmp_path / "run", ["data=imagefolder", "data.val_fraction=0.0", *overrides])
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        assert len(datamodule.train_dataset) == len(report.training_ids) - len(report.excluded())
+        assert {item.id: item.caption for item in datamodule.source.items}["latin1.png"] == caption
 
 
 def test_folder_mode_mirrors_the_source(tmp_path, tokenizer):

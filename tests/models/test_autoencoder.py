@@ -34,3 +34,60 @@ def test_scaling_factor_is_one_over_latent_std(digits_vae_dir):
         latents = torch.cat([vae.encode(b["pixel_values"]).latent_dist.mean for b in dm.plain_train_dataloader()])
     assert factor == pytest.approx(1 / latents.double().std().item(), rel=0.02)
     assert (latents * factor).std().item() == pytest.approx(1.0, rel=0.02)
+
+
+def _digits_module(vae_dir):
+    from sd_lightning.data.datamodule import DiffusionDataModule
+    from sd_lightning.data.sources import DigitsSource
+    from sd_lightning.models.autoencoder import AutoencoderModule
+
+    dm = DiffusionDataModule(DigitsSource(32, limit=300), val_fraction=0.1)
+    dm.setup("fit")
+    return AutoencoderModule(AutoencoderKL.from_pretrained(vae_dir), optimizer=torch.optim.AdamW), dm
+
+
+def test_per_channel_standardization_is_folded_into_the_exported_vae_exactly(digits_vae_dir, tmp_path):
+    """The callback stores per-channel statistics, the saved VAE encodes to standardized channels, and its decoder
+    maps them to the same images the original decoder makes from the unstandardized latents."""
+    from types import SimpleNamespace
+
+    from sd_lightning.callbacks.vae_export import VaeExportCallback
+
+    module, dm = _digits_module(digits_vae_dir)
+    original = AutoencoderKL.from_pretrained(digits_vae_dir)
+    callback = VaeExportCallback(str(tmp_path / "vae"), standardization="per_channel")
+    callback.on_fit_end(SimpleNamespace(interrupted=False, is_global_zero=True, datamodule=dm), module)
+    stats = json.loads((tmp_path / "vae" / "latent_statistics.json").read_text())
+    folded = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert folded.config.scaling_factor == 1.0 and stats["standardization"] == "per_channel"
+    mean, std = torch.tensor(stats["channel_mean"]), torch.tensor(stats["channel_std"])
+    assert mean.abs().max() > 0.05 or (std - 1).abs().max() > 0.05  # the raw latents were not standardized already
+    with torch.no_grad():
+        pixels = torch.cat([b["pixel_values"] for b in dm.plain_train_dataloader()])
+        raw, standardized = original.encode(pixels).latent_dist, folded.encode(pixels).latent_dist
+        expected = (raw.mean - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        torch.testing.assert_close(standardized.mean, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(standardized.std, raw.std / std.view(1, -1, 1, 1), atol=1e-4, rtol=1e-3)
+        noise = torch.randn(raw.mean.shape, generator=torch.Generator().manual_seed(0))
+        samples = standardized.mean + standardized.std * noise
+        assert samples.mean(dim=(0, 2, 3)).abs().max() < 0.05
+        torch.testing.assert_close(samples.std(dim=(0, 2, 3)), torch.ones(len(mean)), atol=0.05, rtol=0)
+        z = torch.randn(4, len(mean), 8, 8, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(folded.decode(z).sample,
+                                   original.decode(z * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).sample,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_global_standardization_keeps_the_weights_and_sets_the_scaling_factor(digits_vae_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from sd_lightning.callbacks.vae_export import VaeExportCallback
+
+    module, dm = _digits_module(digits_vae_dir)
+    callback = VaeExportCallback(str(tmp_path / "vae"))
+    callback.on_fit_end(SimpleNamespace(interrupted=False, is_global_zero=True, datamodule=dm), module)
+    saved = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert saved.config.scaling_factor == pytest.approx(module.compute_scaling_factor(dm.plain_train_dataloader()))
+    assert torch.equal(saved.quant_conv.weight, module.vae.quant_conv.weight)
+    with pytest.raises(ValueError, match="callbacks.vae_export.standardization='pixel' must be one of"):
+        VaeExportCallback(str(tmp_path / "x"), standardization="pixel")

@@ -116,7 +116,39 @@ def test_gradient_checkpointing_and_attention_switches_keep_the_math(tmp_path, b
         return loss.item(), torch.cat([p.grad.flatten() for p in model.unet.parameters() if p.grad is not None])
 
     base_loss, base_grad = gradients()
-    for extra in (["model.gradient_checkpointing=true"], ["model.attention=classic"]):
+    for extra in (["model.gradient_checkpointing=true"], ["model.attention=classic"], ["model.channels_last=true"],
+                  ["model.compile=eager"]):
         loss, grad = gradients(*extra)
         assert loss == pytest.approx(base_loss, rel=1e-5)
         assert torch.allclose(grad, base_grad, atol=1e-5)
+
+
+def test_speed_knobs_take_effect_and_keep_parameter_names(tmp_path):
+    plain = instantiate(compose_train(tmp_path / "p", SMALL).model)
+    fast = instantiate(compose_train(tmp_path / "f", [*SMALL, "model.channels_last=true", "model.compile=eager"]).model)
+    conv = fast.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert fast.unet._compiled_call_impl is not None and plain.unet._compiled_call_impl is None
+    assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints and exports see the same keys
+
+
+@pytest.mark.slow
+def test_a_channels_last_run_trains_checkpoints_and_exports(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from hydra import compose, initialize_config_dir
+
+    from sd_lightning.cli.export import export
+    from sd_lightning.cli.train import train
+
+    from conftest import FAST
+
+    run_dir = tmp_path / "run"
+    train(compose_train(run_dir, [*FAST, *SMALL, "trainer.max_steps=3", "model.channels_last=true",
+                                  "~callbacks.sample_grid"]))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("export", overrides=[f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                                           f"out_dir={tmp_path / 'pipe'}"])
+    pipe = StableDiffusionPipeline.from_pretrained(export(cfg), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a handwritten digit one", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and bool(((image >= 0) & (image <= 1)).all())
