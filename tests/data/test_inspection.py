@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from sd_lightning.data.cleaning import CleanedImageFolderSource, clean, read_caption_fills, training_overrides
@@ -269,3 +272,46 @@ def test_metadata_csv_rows_and_conditioning_without_captions(tmp_path, tokenizer
                                                               ("missing.png", Reason.METADATA_MISSING_FILE)}
     unconditional = scan_folder(root, InspectSettings(check_captions=False), tokenizer)
     assert {(p.file, p.reason) for p in unconditional.problems} == {("missing.png", Reason.METADATA_MISSING_FILE)}
+
+
+def _png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_field(seed, (24, 24))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_FILE_BYTES = st.one_of(
+    st.binary(max_size=300),  # random bytes
+    st.builds(lambda seed, cut: _png_bytes(seed)[:cut], st.integers(0, 50), st.integers(0, 400)),  # truncated PNG
+    st.builds(lambda seed, tail: _png_bytes(seed) + tail, st.integers(0, 50), st.binary(max_size=50)),  # junk appended
+    st.builds(lambda head, seed: head + _png_bytes(seed)[len(head):], st.binary(max_size=16), st.integers(0, 50)),
+)
+_CAPTION = st.one_of(st.none(), st.text(max_size=120), st.binary(max_size=60))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.tuples(st.sampled_from([".png", ".jpg", ".webp"]), _FILE_BYTES, _CAPTION), min_size=1,
+                      max_size=6))
+def test_fuzzed_image_bytes_and_captions_never_crash_inspection_or_training_data(tmp_path_factory, tokenizer, files):
+    """Random bytes as images and random (even non-UTF-8) captions: the scan reports, the loader skips, no crash."""
+    root = tmp_path_factory.mktemp("fuzz")
+    for index, (extension, data, caption) in enumerate(files):
+        (root / f"f{index}{extension}").write_bytes(data)
+        if caption is not None:
+            sidecar = root / f"f{index}.txt"
+            sidecar.write_bytes(caption if isinstance(caption, bytes) else caption.encode("utf-8", "surrogatepass"))
+    before = tree_digest(root)
+    report = scan_folder(root, SETTINGS, tokenizer)
+    assert sorted(report.training_ids) == sorted(f"f{i}{e}" for i, (e, _, _) in enumerate(files))
+    write_report(report, tmp_path_factory.mktemp("fuzz_report"))
+    datamodule = DiffusionDataModule(ImageFolderSource(root), resolution=16, val_fraction=0.0, batch_size=4)
+    datamodule.setup("fit")
+    seen = skipped = 0
+    for batch in datamodule.train_dataloader():
+        seen += batch["pixel_values"].shape[0]
+        skipped += batch["num_skipped"]
+        assert torch.isfinite(batch["pixel_values"]).all()
+    batch_size = min(4, len(files))  # the loader shrinks the batch to a data set smaller than it
+    assert seen + skipped == batch_size * (len(files) // batch_size)  # drop_last: full batches, each item used or skipped
+    assert tree_digest(root) == before

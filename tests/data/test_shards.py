@@ -168,6 +168,45 @@ def test_resume_continues_with_the_next_samples(tmp_path, num_workers):
     assert [batch["id"] for batch in fresh.train_dataloader()] == seen + rest
 
 
+def _gloo_rank(rank: int, world_size: int, shards: str, init_file: str, out_dir: str) -> None:
+    """One DDP rank: its epoch-1 stream, and the same stream resumed from a loader state taken after 2 batches."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        dm = module(Path(shards), num_workers=1, shuffle_buffer=16)
+        dm.set_epoch(1)
+        loader = dm.train_dataloader()  # rank and world size come from torch.distributed
+        iterator = iter(loader)
+        head = [next(iterator)["id"] for _ in range(2)]
+        state = loader.state_dict()
+        tail = [batch["id"] for batch in iterator]
+        resumed = module(Path(shards), num_workers=1, shuffle_buffer=16)
+        resumed.load_state_dict(dm.state_dict())
+        resumed_loader = resumed.train_dataloader()
+        resumed_loader.load_state_dict(state)
+        result = {"ids": [i for batch in head + tail for i in batch],
+                  "resumed_tail": [batch["id"] for batch in resumed_loader], "tail": tail}
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, result)
+        if rank == 0:
+            (Path(out_dir) / "ranks.json").write_text(json.dumps(gathered))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ddp_ranks_see_disjoint_samples_and_resume_their_streams(tmp_path):
+    """Real torch.distributed (2 CPU processes, gloo): the ranks detect their place themselves."""
+    root = make_folder(tmp_path / "src")
+    write_shards(ImageFolderSource(root), tmp_path / "shards", shard_size=6)
+    torch.multiprocessing.spawn(_gloo_rank, args=(2, str(tmp_path / "shards"), str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2, join=True)
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    first, second = ranks[0]["ids"], ranks[1]["ids"]
+    assert len(first) == len(second) == 24 and not set(first) & set(second)
+    assert sorted(first + second) == sorted(item.id for item in ImageFolderSource(root).items)
+    for rank in ranks:
+        assert rank["resumed_tail"] == rank["tail"] and len(rank["tail"]) == 4  # 6 batches of 4, 2 seen
+
+
 class Recorder(L.LightningModule):
     """Records the ids of every training batch; calls set_epoch like the real modules do."""
 
