@@ -70,6 +70,7 @@ def check_conditioning(problems: list[str], cfg: DictConfig) -> None:
         problems.append(f"data.conditioning={conditioning!r} must be 'text', 'class' or 'none'")
     _check_number(problems, cfg, "data.labeled_fraction", float, 0.0, 1.0, optional=True)
     _check_number(problems, cfg, "data.train_fraction", float, 0.0, 1.0, optional=True)
+    _check_number(problems, cfg, "data.labeled_oversample", int, 1, optional=True)
     unlabeled = _get(cfg, "data.unlabeled")
     if unlabeled is not None and unlabeled not in ("null_prompt", "drop"):
         problems.append(f"data.unlabeled={unlabeled!r} must be 'null_prompt' or 'drop'")

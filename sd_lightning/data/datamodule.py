@@ -31,9 +31,12 @@ class DiffusionDataset(Dataset):
 
     def __init__(self, source: ImageSource, indices: Sequence[int], transform: ImageTransform, seed: int = 0,
                  augment: bool = True, captions: CaptionTransform | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None) -> None:
+                 sizes: Sequence[tuple[int, int]] | None = None, repeats: Sequence[int] | None = None) -> None:
         self.source = source
         self.indices = list(indices)
+        # (position, occurrence) per sample of an epoch when some items repeat (labeled oversampling).
+        self.occurrences = None if repeats is None else [(position, k) for position, count in enumerate(repeats)
+                                                         for k in range(count)]
         self.transform = transform
         self.seed = seed
         self.augment = augment
@@ -42,9 +45,12 @@ class DiffusionDataset(Dataset):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) if self.occurrences is None else len(self.occurrences)
 
     def __getitem__(self, position: int) -> dict[str, Any] | None:
+        occurrence = 0
+        if self.occurrences is not None:
+            position, occurrence = self.occurrences[position]
         index = self.indices[position]
         item = self.source.items[index]
         try:
@@ -52,13 +58,15 @@ class DiffusionDataset(Dataset):
         except UnreadableImageError as err:
             log.warning("skipping unreadable image %s (%s)", item.id, err)
             return None
-        rng = random.Random(stable_seed(self.seed, item.id, self.epoch)) if self.augment else None
+        # A repeated item's later copies get their own id, so their noise, timesteps and augmentation differ.
+        sample_id = item.id if occurrence == 0 else f"{item.id}#{occurrence}"
+        rng = random.Random(stable_seed(self.seed, sample_id, self.epoch)) if self.augment else None
         size = self.sizes[position] if self.sizes is not None else None
         caption = item.caption
         if self.captions is not None:
-            tag_rng = random.Random(stable_seed(self.seed, "tags", item.id, self.epoch)) if self.augment else None
+            tag_rng = random.Random(stable_seed(self.seed, "tags", sample_id, self.epoch)) if self.augment else None
             caption = self.captions(item, tag_rng)
-        return {"pixel_values": self.transform(image, rng, size), "prompt": caption or "", "id": item.id}
+        return {"pixel_values": self.transform(image, rng, size), "prompt": caption or "", "id": sample_id}
 
 
 def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -173,6 +181,7 @@ class DiffusionDataModule(L.LightningDataModule):
         train_fraction: float = 1.0,
         unlabeled: str = "null_prompt",
         max_zoom: float = 1.0,
+        labeled_oversample: int = 1,
     ) -> None:
         """``stateful=False`` uses a plain DataLoader, whose position a checkpoint cannot hold (a resumed
         run then sees other batches); it exists to demonstrate that, not for real runs. ``root`` is the
@@ -181,12 +190,19 @@ class DiffusionDataModule(L.LightningDataModule):
         latents and text-encoder states instead of pixels, checked against this config and the attached model.
         ``train_fraction`` keeps a stable share of the training split (by id hash; validation unchanged), for
         few-image studies. ``unlabeled``: ``null_prompt`` trains items outside ``labeled_fraction`` on the null
-        prompt (semi-supervised); ``drop`` leaves them out of training (the labeled-only baseline)."""
+        prompt (semi-supervised); ``drop`` leaves them out of training (the labeled-only baseline).
+        ``labeled_oversample`` = k puts each labeled training item k times into every epoch (each copy with its own
+        noise and augmentation), so that a few labels are seen often enough for the condition to be learned."""
         super().__init__()
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"data.train_fraction={train_fraction} must be in (0, 1]")
         if unlabeled not in UNLABELED_POLICIES:
             raise ValueError(f"data.unlabeled={unlabeled!r} must be one of {list(UNLABELED_POLICIES)}")
+        if not isinstance(labeled_oversample, int) or labeled_oversample < 1:
+            raise ValueError(f"data.labeled_oversample={labeled_oversample!r} must be an integer >= 1")
+        if labeled_oversample > 1 and (buckets is not None or cache):
+            raise ValueError("data.labeled_oversample > 1 works with square crops from images only; set "
+                             "data.buckets=null and data.cache=null, or data.labeled_oversample=1")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -216,6 +232,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.cache = cache
         self.train_fraction = train_fraction
         self.unlabeled = unlabeled
+        self.labeled_oversample = labeled_oversample
         self.collate_fn: Callable[[Sequence[dict[str, Any] | None]], dict[str, Any]] = collate_examples
         self.train_dataset: DiffusionDataset | None = None
         self.val_dataset: DiffusionDataset | None = None
@@ -257,8 +274,13 @@ class DiffusionDataModule(L.LightningDataModule):
             self.train_bucket_ids = [self.buckets.assign(self.source.image_size(i)) for i in train]
             sizes = [self.buckets.sizes[b] for b in self.train_bucket_ids]
             log.info("aspect-ratio buckets (%d train images): %s", len(train), self.buckets.describe(self.train_bucket_ids))
+        repeats = None
+        if self.labeled_oversample > 1:
+            repeats = [self.labeled_oversample if self.captions.is_labeled(ids[i]) else 1 for i in train]
+            log.info("labeled oversampling: %d labeled items x %d, %d samples per epoch",
+                     sum(r > 1 for r in repeats), self.labeled_oversample, sum(repeats))
         self.train_dataset = DiffusionDataset(self.source, train, self.transform, self.seed, augment=True,
-                                              captions=self.captions, sizes=sizes)
+                                              captions=self.captions, sizes=sizes, repeats=repeats)
         self.val_dataset = DiffusionDataset(self.source, val, self.eval_transform, self.seed, augment=False,
                                             captions=self.captions)
         if self.cache:

@@ -391,6 +391,9 @@ class ShardDataModule(DiffusionDataModule):
             if kwargs.get(key) is not None:
                 raise ValueError(f"data.{key} is not supported with data=shards (streamed, no random access); "
                                  f"remove it or train from the image folder")
+        if kwargs.get("labeled_oversample", 1) != 1:
+            raise ValueError("data.labeled_oversample is not supported with data=shards (streamed); set it to 1 or "
+                             "train from the image folder")
         super().__init__(source=source, **kwargs)
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")

@@ -80,6 +80,40 @@ def test_unlabeled_drop_trains_on_the_labeled_share_alone_with_the_same_validati
     assert abs(len(alone_train) / len(semi_train) - 0.3) < 0.04
 
 
+def test_labeled_oversampling_repeats_labeled_items_with_distinct_sample_ids():
+    semi = _datamodule(labeled_fraction=0.1, limit=None)
+    over = _datamodule(labeled_fraction=0.1, labeled_oversample=9, limit=None)
+    base = _prompts(semi)
+    labeled = {i for i, p in base.items() if p}
+    samples = [over.train_dataset[i] for i in range(len(over.train_dataset))]
+    ids = [s["id"] for s in samples]
+    assert len(ids) == len(set(ids)) == len(base) + 8 * len(labeled)  # every copy its own id (own noise)
+    assert {i.split("#")[0] for i in ids} == set(base)  # every image still trains, unlabeled ones once
+    copies = Counter(i.split("#")[0] for i in ids)
+    assert {copies[i] for i in labeled} == {9} and {copies[i] for i in set(base) - labeled} == {1}
+    assert all(s["prompt"] == base[s["id"].split("#")[0]] for s in samples)
+    share = sum(bool(s["prompt"]) for s in samples) / len(samples)
+    assert 0.4 < share < 0.6  # 10% labeled x 9 copies: about half of every epoch is conditioned
+    assert _prompts(over, "val") == _prompts(semi, "val")
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="data.labeled_oversample=.* must be an integer >= 1"):
+            _datamodule(labeled_oversample=bad)
+    with pytest.raises(ValueError, match="data.labeled_oversample > 1 works with square crops"):
+        _datamodule(labeled_fraction=0.1, labeled_oversample=2, buckets={"multiple": 8})
+
+
+def test_labeled_oversampling_resumes_mid_epoch_exactly():
+    over = _datamodule(labeled_fraction=0.1, labeled_oversample=5, batch_size=16)
+    loader = over.train_dataloader()
+    iterator = iter(loader)
+    head = [next(iterator)["id"] for _ in range(3)]
+    state = loader.state_dict()
+    tail = [batch["id"] for batch in iterator]
+    resumed = _datamodule(labeled_fraction=0.1, labeled_oversample=5, batch_size=16).train_dataloader()
+    resumed.load_state_dict(state)
+    assert [batch["id"] for batch in resumed] == tail and len(head) == 3
+
+
 def test_train_fraction_keeps_a_stable_nested_share_of_training_and_leaves_validation_alone():
     full = _datamodule(limit=None)
     tenth, fifth = _datamodule(train_fraction=0.1, limit=None), _datamodule(train_fraction=0.2, limit=None)
@@ -125,6 +159,7 @@ def test_bad_conditioning_settings_fail_naming_the_key(tmp_path):
                               ("data.keep_tokens=-1", "data.keep_tokens=-1 must be >= 0"),
                               ("data.unlabeled=skip", "data.unlabeled='skip' must be 'null_prompt' or 'drop'"),
                               ("data.train_fraction=2", "data.train_fraction=2 must be <= 1.0"),
+                              ("data.labeled_oversample=0", "data.labeled_oversample=0 must be >= 1"),
                               ("data.caption_template=digit", "must contain '{class_name}'")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
             validate_train_config(compose_train(tmp_path / "run", [override]))
