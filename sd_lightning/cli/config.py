@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sd_lightning.data.transforms import UNLABELED_POLICIES
 from sd_lightning.diffusion.schedules import SAMPLING_SCHEDULERS
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -72,8 +73,8 @@ def check_conditioning(problems: list[str], cfg: DictConfig) -> None:
     _check_number(problems, cfg, "data.train_fraction", float, 0.0, 1.0, optional=True)
     _check_number(problems, cfg, "data.labeled_oversample", int, 1, optional=True)
     unlabeled = _get(cfg, "data.unlabeled")
-    if unlabeled is not None and unlabeled not in ("null_prompt", "drop"):
-        problems.append(f"data.unlabeled={unlabeled!r} must be 'null_prompt' or 'drop'")
+    if unlabeled is not None and unlabeled not in UNLABELED_POLICIES:
+        problems.append(f"data.unlabeled={unlabeled!r} must be " + " or ".join(repr(p) for p in UNLABELED_POLICIES))
     _check_number(problems, cfg, "data.keep_tokens", int, 0, optional=True)
     template = _get(cfg, "data.caption_template")
     if template is not None and "{class_name}" not in str(template):

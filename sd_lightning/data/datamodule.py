@@ -14,10 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sd_lightning.data.sources import ImageSource, UnreadableImageError, read_exclusions
 from sd_lightning.data.split import split_fraction, split_indices, stable_seed
-from sd_lightning.data.transforms import CaptionTransform, ColorJitter, ImageTransform
-
-# What training does with items outside data.labeled_fraction.
-UNLABELED_POLICIES = ("null_prompt", "drop")
+from sd_lightning.data.transforms import UNLABELED_POLICIES, CaptionTransform, ColorJitter, ImageTransform
 
 log = logging.getLogger(__name__)
 

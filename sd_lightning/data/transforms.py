@@ -13,6 +13,8 @@ from sd_lightning.data.sources import SourceItem
 from sd_lightning.data.split import split_fraction
 
 CONDITIONING_MODES = ("text", "class", "none")
+# What training does with items outside data.labeled_fraction.
+UNLABELED_POLICIES = ("null_prompt", "drop")
 
 
 class ColorJitter:

@@ -185,7 +185,7 @@ class AutoencoderModule(L.LightningModule):
         std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
         overall_mean = total.sum() / (count * len(total))
         overall_var = total_sq.sum() / (count * len(total)) - overall_mean.pow(2)
-        return LatentStatistics(mean=mean.tolist(), std=std.tolist(), overall_std=float(overall_var.clamp_min(1e-24).sqrt()))
+        return LatentStatistics(mean=mean.tolist(), std=std.tolist(), overall_std=float(overall_var.clamp_min(1e-12).sqrt()))
 
     def compute_scaling_factor(self, batches: Iterable[dict[str, Any]], max_batches: int | None = None) -> float:
         """1 / std of the training latents, the number SD 1.x hard-codes as 0.18215 for its own VAE."""
