@@ -97,9 +97,9 @@ def build_rows(mode: Mode) -> list[Row]:
             [("eager", lightning), (f"compiled ({mode.compile_backend})",
                                     spec("lightning", batch, unet=f"compile:{mode.compile_backend}"))], k, r),
         Row("grad_checkpointing", "gradient checkpointing: peak memory saved vs time lost",
-            [("off", lightning), ("on", spec("lightning", batch, "model.gradient_checkpointing=true"))], k, r),
+            [("off", lightning), ("on", spec("lightning", batch, "model.components.gradient_checkpointing=true"))], k, r),
         Row("attention", "SDPA vs classic attention processor (model.attention)",
-            [("sdpa", lightning), ("classic", spec("lightning", batch, "model.attention=classic"))], k, r),
+            [("sdpa", lightning), ("classic", spec("lightning", batch, "model.components.attention=classic"))], k, r),
         Row("dataloader_workers", "data.num_workers 0 / 1 / 2",
             [("0 workers", lightning), ("1 worker", spec("lightning", batch, "data.num_workers=1")),
              ("2 workers", spec("lightning", batch, "data.num_workers=2"))], k, r),
@@ -225,7 +225,7 @@ def run_lightning(config: dict[str, Any], channel: Channel | None, budget: int, 
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    apply_unet_option(model.unet, config.get("unet"), info)
+    apply_unet_option(model.denoiser.model, config.get("unet"), info)
     warmup = int(config["warmup"])
 
     class BlockController(L.Callback):
@@ -266,7 +266,6 @@ def run_plain(config: dict[str, Any], channel: Channel, scratch: Path) -> dict[s
     import lightning as L
     import torch
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler
     from hydra.utils import instantiate
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -277,10 +276,10 @@ def run_plain(config: dict[str, Any], channel: Channel, scratch: Path) -> dict[s
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     components = instantiate(cfg.model.components)
-    unet, vae, text_encoder, tokenizer = components.unet, components.vae, components.text_encoder, components.tokenizer
-    # The module's training scheduler: the components' betas with the objective's prediction type.
-    scheduler = DDPMScheduler.from_config(components.noise_scheduler.config,
-                                          prediction_type=instantiate(cfg.objective).prediction_type)
+    unet, vae = components.denoiser.model, components.vae
+    text_encoder, tokenizer = components.conditioner.text_encoder, components.conditioner.tokenizer
+    # The module's training schedule: the objective's own DDPM scheduler.
+    scheduler = instantiate(cfg.objective).scheduler
     if scheduler.config.prediction_type != "v_prediction":
         raise ValueError("the reference loop implements objective=v_prediction only")
     vae.requires_grad_(False).eval()
@@ -293,7 +292,7 @@ def run_plain(config: dict[str, Any], channel: Channel, scratch: Path) -> dict[s
     optimizer = optimization["optimizer"] if isinstance(optimization, dict) else optimization
     lr_scheduler = optimization["lr_scheduler"]["scheduler"] if isinstance(optimization, dict) else None
     scale = float(vae.config.scaling_factor)
-    cond_drop = float(cfg.model.cond_drop_prob)
+    cond_drop = float(cfg.model.components.conditioner.drop_prob)
     num_timesteps = int(scheduler.config.num_train_timesteps)
     prompt_cache: dict[str, torch.Tensor] = {}
 
@@ -374,7 +373,7 @@ def run_sampling(config: dict[str, Any], channel: Channel, scratch: Path) -> dic
             generate(sdl_pipeline, prompts, seed=0, steps=steps, guidance_scale=guidance, batch_size=len(prompts))
     else:
         pipeline = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.denoiser.model,
             scheduler=type(sdl_pipeline.scheduler).from_config(sdl_pipeline.scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipeline.set_progress_bar_config(disable=True)

@@ -19,7 +19,7 @@ import torch
 from sd_lightning.data.sources import digit_caption
 from sd_lightning.diffusion.sampling import generate
 from sd_lightning.evaluation.class_conditional import evaluate_digit_samples
-from sd_lightning.models.checkpoint_io import load_pipeline
+from sd_lightning.models.pipelines import load_pipeline
 
 
 def hardware() -> dict[str, object]:

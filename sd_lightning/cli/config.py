@@ -10,9 +10,18 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sd_lightning.data.transforms import UNLABELED_POLICIES
+from sd_lightning.diffusion.objectives import FLOW_SCHEDULERS
 from sd_lightning.diffusion.schedules import SAMPLING_SCHEDULERS
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+def _config_dir() -> str:
+    """The configs: inside the installed package (a wheel carries them as sd_lightning/conf), else the checkout's."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "conf"
+    return str(installed if (installed / "train.yaml").is_file() else package.parent / "conf")
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
@@ -58,8 +67,8 @@ def check_sampling(problems: list[str], cfg: DictConfig, prefix: str = "sampling
     scheduler = _get(cfg, f"{prefix}scheduler")
     if scheduler is None and not optional:
         problems.append(f"{prefix}scheduler is required")
-    elif scheduler is not None and scheduler not in SAMPLING_SCHEDULERS:
-        problems.append(f"{prefix}scheduler={scheduler!r} must be one of {sorted(SAMPLING_SCHEDULERS)}")
+    elif scheduler is not None and scheduler not in (*SAMPLING_SCHEDULERS, *FLOW_SCHEDULERS):
+        problems.append(f"{prefix}scheduler={scheduler!r} must be one of {sorted((*SAMPLING_SCHEDULERS, *FLOW_SCHEDULERS))}")
     _check_number(problems, cfg, f"{prefix}steps", int, 1, 1000, optional=optional)
     _check_number(problems, cfg, f"{prefix}guidance_scale", float, 0.0, 100.0, optional=optional)
 
@@ -70,7 +79,7 @@ def check_conditioning(problems: list[str], cfg: DictConfig) -> None:
     if conditioning is not None and conditioning not in ("text", "class", "none"):
         problems.append(f"data.conditioning={conditioning!r} must be 'text', 'class' or 'none'")
     _check_number(problems, cfg, "data.labeled_fraction", float, 0.0, 1.0, optional=True)
-    _check_number(problems, cfg, "data.train_fraction", float, 0.0, 1.0, optional=True)
+    _check_number(problems, cfg, "data.train_fraction", float, 0.0, 1.0, low_open=True, optional=True)
     _check_number(problems, cfg, "data.labeled_oversample", int, 1, optional=True)
     unlabeled = _get(cfg, "data.unlabeled")
     if unlabeled is not None and unlabeled not in UNLABELED_POLICIES:
@@ -82,6 +91,28 @@ def check_conditioning(problems: list[str], cfg: DictConfig) -> None:
     buckets = _get(cfg, "data.buckets")
     if buckets is not None and not isinstance(buckets, DictConfig):
         problems.append(f"data.buckets={buckets!r} must be null or a mapping such as {{multiple: 8, max_aspect: 2.0}}")
+
+
+# Small pieces whose constructors check their own arguments: built once here, before any heavy work, so each
+# rule has one source (the piece) and still fails early, naming the key.
+CHECKED_PIECES = ("objective", "timesteps", "noise", "input_perturbation", "loss", "weighting",
+                  "model.components.lora")
+
+
+def check_pieces(problems: list[str], cfg: DictConfig) -> None:
+    from hydra.utils import instantiate
+
+    for key in CHECKED_PIECES:
+        node = _get(cfg, key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            instantiate(node)
+        except Exception as err:  # Hydra wraps the constructor's error; report the innermost message
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            problems.append(f"{key}: {cause}")
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -97,21 +128,19 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check_number(problems, cfg, "data.num_workers", int, 0)
     _check_number(problems, cfg, "data.resolution", int, 8)
     _check_number(problems, cfg, "data.val_fraction", float, 0.0, 0.99)
-    _check_number(problems, cfg, "model.cond_drop_prob", float, 0.0, 1.0, optional=True)
     _check_number(problems, cfg, "optimizer.lr", float, 0.0, low_open=True, optional=True)
-    if _get(cfg, "model.lora") is not None:
-        _check_number(problems, cfg, "model.lora.rank", int, 1)
-        _check_number(problems, cfg, "model.lora.alpha", float, 0.0, low_open=True)
-        _check_number(problems, cfg, "model.lora.dropout", float, 0.0, 0.99)
+    _check_number(problems, cfg, "model.components.conditioner.drop_prob", float, 0.0, 1.0, optional=True)
     check_sampling(problems, cfg)
+    check_pieces(problems, cfg)
     resolution, vae_channels = _get(cfg, "data.resolution"), _get(cfg, "model.components.vae.block_out_channels")
     if isinstance(resolution, int) and vae_channels:
-        factor = 2 ** (len(vae_channels) - 1) * 2 ** (len(_get(cfg, "model.components.unet.block_out_channels") or [1]) - 1)
+        denoiser_levels = _get(cfg, "model.components.denoiser.block_out_channels") or [1]
+        factor = 2 ** (len(vae_channels) - 1) * 2 ** (len(denoiser_levels) - 1)
         if resolution % factor:
-            problems.append(f"data.resolution={resolution} must be a multiple of {factor} for this VAE and UNet")
+            problems.append(f"data.resolution={resolution} must be a multiple of {factor} for this VAE and denoiser")
         multiple = (_get(cfg, "data.buckets.multiple") or 8) if isinstance(_get(cfg, "data.buckets"), DictConfig) else None
         if isinstance(multiple, int) and multiple % factor:
-            problems.append(f"data.buckets.multiple={multiple} must be a multiple of {factor} for this VAE and UNet")
+            problems.append(f"data.buckets.multiple={multiple} must be a multiple of {factor} for this VAE and denoiser")
     check_conditioning(problems, cfg)
     if _get(cfg, "resume") not in ("never", "auto"):
         problems.append(f"resume={_get(cfg, 'resume')!r} must be 'never' or 'auto'")
@@ -159,24 +188,8 @@ def pretrained_resolution(path: str) -> int:
     return int(sample_size) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-PREDICTION_OBJECTIVES = {
-    "epsilon": "sd_lightning.diffusion.objectives.EpsilonObjective",
-    "v_prediction": "sd_lightning.diffusion.objectives.VPredictionObjective",
-    "sample": "sd_lightning.diffusion.objectives.SampleObjective",
-}
-
-
-def pretrained_objective(path: str) -> str:
-    """``${sdl.pretrained_objective:${model.path}}``: fine-tune with what the folder's model predicts (SD 2-768: v)."""
-    prediction_type = _pretrained_config(path, "scheduler", "scheduler_config.json").get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_OBJECTIVES:
-        raise ConfigError(f"model.path={path}: scheduler prediction_type={prediction_type!r} is not supported")
-    return PREDICTION_OBJECTIVES[prediction_type]
-
-
 for _name, _resolver in (("sdl.auto_precision", auto_precision), ("sdl.memory_efficient_adamw", memory_efficient_adamw),
-                         ("sdl.pretrained_resolution", pretrained_resolution),
-                         ("sdl.pretrained_objective", pretrained_objective)):
+                         ("sdl.pretrained_resolution", pretrained_resolution)):
     OmegaConf.register_new_resolver(_name, _resolver, replace=True)
 
 
@@ -202,7 +215,7 @@ def user_error(err: BaseException) -> BaseException | None:
             return MemoryError(
                 f"out of memory ({str(seen).splitlines()[0][:200]}). Nothing was saved from this step. Reduce memory "
                 "with data.batch_size=<smaller> and trainer.accumulate_grad_batches=<k> (same effective batch), "
-                "model.gradient_checkpointing=true, trainer.precision=bf16-mixed on GPUs that support it, "
+                "model.components.gradient_checkpointing=true, trainer.precision=bf16-mixed on GPUs that support it, "
                 "or a smaller data.resolution / model size."
             )
         seen = seen.__cause__ or seen.__context__
@@ -210,9 +223,16 @@ def user_error(err: BaseException) -> BaseException | None:
 
 
 def run_entry(name: str, function: Any, cfg: DictConfig) -> Any:
-    """Run an entry point; a user error becomes one clear line on stderr and exit status 2."""
+    """Run an entry point; a user error becomes one clear line on stderr and exit status 2.
+
+    The working directory is importable (as under ``python -m``), so ``_target_``s may name a user's own modules
+    in the project folder they run from.
+    """
+    import os
     import sys
 
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     silence_known_noise()
     try:
         return function(cfg)

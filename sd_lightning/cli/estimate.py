@@ -46,7 +46,6 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.update(cfg, "paths.run_dir", str(Path(scratch) / "run"))
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
-        model.run_config = OmegaConf.to_container(cfg, resolve=True)
         clock = RunClock(skip_steps=warmup)
         kept = [instantiate(cfg.callbacks[name]) for name in _TIMED_CALLBACKS
                 if name in (cfg.get("callbacks") or {}) and cfg.callbacks[name] is not None]

@@ -25,27 +25,20 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, check_sampling, missing_keys, run_entry
-from sd_lightning.diffusion.objectives import EpsilonObjective, SampleObjective, VPredictionObjective
-from sd_lightning.diffusion.sampling import generate, make_grid
-from sd_lightning.diffusion.schedules import sampling_scheduler
+from sd_lightning.diffusion.objectives import objective_from_scheduler_config
+from sd_lightning.diffusion.sampling import DEFAULT_GUIDANCE_SCALE, generate, make_grid
 from sd_lightning.models.builders import DiffusionComponents
-from sd_lightning.models.checkpoint_io import (
-    RECORD_KEY,
-    CheckpointError,
-    components_from_checkpoint,
-    load_checkpoint,
-    load_pipeline,
-    pipeline_from_components,
-)
+from sd_lightning.models.checkpoint_io import RUN_CONFIG_KEY, components_from_checkpoint, load_checkpoint
+from sd_lightning.models.conditioners import TextConditioner
+from sd_lightning.models.denoisers import UNetDenoiser
+from sd_lightning.models.pipelines import build_pipeline, load_pipeline
 
 log = logging.getLogger("sd_lightning")
 
-OBJECTIVES = {"epsilon": EpsilonObjective, "v_prediction": VPredictionObjective, "sample": SampleObjective}
 REFERENCES = ("all", "train", "val")
 
 
@@ -84,21 +77,17 @@ def load_model(source: str, use_ema: bool = True, scheduler: str | None = None) 
     run_config = None
     if path.is_dir():
         pipeline, sampling = load_pipeline(path, scheduler=scheduler)
-        components = DiffusionComponents(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                                         DDPMScheduler.from_config(pipeline.scheduler.config))
+        conditioner = TextConditioner(pipeline.tokenizer, pipeline.text_encoder, drop_prob=0.0)
+        components = DiffusionComponents(UNetDenoiser(pipeline.unet), pipeline.vae, conditioner)
+        objective = objective_from_scheduler_config(dict(pipeline.scheduler.config), str(path))
     else:
-        components, sampling = components_from_checkpoint(path, use_ema=use_ema)
+        components, objective, sampling = components_from_checkpoint(path, use_ema=use_ema)
         checkpoint = load_checkpoint(path)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
-        run_config = checkpoint[RECORD_KEY].get("run_config")
-        pipeline = pipeline_from_components(
-            components, sampling_scheduler(scheduler or sampling["scheduler"], components.noise_scheduler.config))
-    prediction_type = components.noise_scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in OBJECTIVES:
-        raise CheckpointError(f"{path}: prediction_type={prediction_type!r} is not one of {sorted(OBJECTIVES)}")
+        run_config = checkpoint.get(RUN_CONFIG_KEY)
+        pipeline = build_pipeline(components, objective, scheduler or sampling["scheduler"])
     extra = {k: hparams[k] for k in ("val_timesteps", "seed") if k in hparams}
-    module = LatentDiffusionModule(components, OBJECTIVES[prediction_type](), optimizer=torch.optim.AdamW,
-                                   sampling=sampling, **extra)
+    module = LatentDiffusionModule(components, objective, optimizer=torch.optim.AdamW, sampling=sampling, **extra)
     return module.eval(), pipeline, sampling, run_config
 
 
@@ -209,7 +198,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     class_names = trained.class_names if trained is not None else None
     prompts = _prompts(cfg, real, class_names)
     settings = {"scheduler": e.scheduler or sampling.get("scheduler", "ddim"), "steps": e.steps or sampling.get("steps", 30),
-                "guidance_scale": sampling.get("guidance_scale", 1.5) if e.guidance_scale is None else e.guidance_scale}
+                "guidance_scale": sampling.get("guidance_scale", DEFAULT_GUIDANCE_SCALE) if e.guidance_scale is None else e.guidance_scale}
     pipeline.to("cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu")
     samples = generate(pipeline, prompts, seed=e.seed, steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                        batch_size=e.batch_size, output_type="np")

@@ -15,8 +15,9 @@ import hydra
 from omegaconf import DictConfig
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, missing_keys, run_entry
-from sd_lightning.models.checkpoint_io import SAMPLING_FILE, load_pipeline
+from sd_lightning.models.checkpoint_io import SAMPLING_FILE
 from sd_lightning.models.lora import has_lora, merge_lora, save_lora
+from sd_lightning.models.pipelines import LatentSampler, load_pipeline
 
 
 def export(cfg: DictConfig) -> Path:
@@ -29,6 +30,15 @@ def export(cfg: DictConfig) -> Path:
     pipeline, sampling = load_pipeline(cfg.ckpt_path, scheduler=cfg.scheduler, use_ema=cfg.use_ema)
     if cfg.scheduler:
         sampling["scheduler"] = cfg.scheduler
+    if isinstance(pipeline, LatentSampler):
+        denoiser = type(pipeline.components.denoiser.model).__name__
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: no plain diffusers pipeline runs this model ({denoiser} with "
+            f"{type(pipeline.scheduler).__name__}): StableDiffusionPipeline needs a UNet with a DDPM objective "
+            "(FlowMatchEulerDiscreteScheduler has no init_noise_sigma). Flow-matching transformers belong to the "
+            "SD 3 family (StableDiffusion3Pipeline: CLIP-L + CLIP-G text encoders); sample this checkpoint with "
+            "sdl-sample instead. Nothing was written."
+        )
     unet_config = pipeline.unet.config
     if unet_config.get("num_class_embeds") or unet_config.get("class_embed_type"):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: the UNet has a learned class embedding (num_class_embeds="

@@ -9,8 +9,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, check_sampling, missing_keys, run_entry
-from sd_lightning.diffusion.sampling import generate, make_grid
-from sd_lightning.models.checkpoint_io import load_pipeline
+from sd_lightning.diffusion.sampling import DEFAULT_GUIDANCE_SCALE, generate, make_grid
+from sd_lightning.models.pipelines import load_pipeline
 
 
 def sample(cfg: DictConfig) -> list[Path]:
@@ -24,7 +24,8 @@ def sample(cfg: DictConfig) -> list[Path]:
         problems.append(f"num_images={cfg.num_images} must be >= 1")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-    pipeline, defaults = load_pipeline(cfg.ckpt_path, scheduler=cfg.scheduler, use_ema=cfg.use_ema)
+    pipeline, defaults = load_pipeline(cfg.ckpt_path, scheduler=cfg.scheduler, use_ema=cfg.use_ema,
+                                       trusted_objectives=tuple(cfg.get("trusted_objectives") or ()))
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     prompts = list(cfg.prompt) if isinstance(cfg.prompt, (list, ListConfig)) else [cfg.prompt or ""]
     all_prompts = [p for p in prompts for _ in range(cfg.num_images)]
@@ -33,7 +34,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         all_prompts,
         seed=cfg.seed,
         steps=cfg.steps or defaults.get("steps", 30),
-        guidance_scale=defaults.get("guidance_scale", 1.5) if cfg.guidance_scale is None else cfg.guidance_scale,
+        guidance_scale=defaults.get("guidance_scale", DEFAULT_GUIDANCE_SCALE) if cfg.guidance_scale is None else cfg.guidance_scale,
         batch_size=cfg.batch_size,
     )
     out_dir = Path(cfg.out_dir)

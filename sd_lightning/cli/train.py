@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sd_lightning.callbacks.data_epoch import RunConfigCallback
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
 from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
 from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
@@ -124,11 +125,11 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = resolve_resume(cfg, run_dir)
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, model, run_dir)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), RunConfigCallback(run_config)]
     logger_cfg = cfg.get("logger") or {}
     if "wandb" in logger_cfg:
         logger_cfg = OmegaConf.merge(logger_cfg, {"wandb": {"id": logger_cfg.wandb.id or _wandb_run_id(run_dir),
@@ -137,10 +138,10 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         if hasattr(logger, "log_hyperparams"):
-            logger.log_hyperparams(model.run_config)
+            logger.log_hyperparams(run_config)
     if trainer.is_global_zero:
         # The resolved config, code, stack, hardware and data split of this run (see evaluation/manifest.py).
-        manifest = build_manifest(model.run_config, datamodule)
+        manifest = build_manifest(run_config, datamodule)
         log_manifest(loggers, manifest, write_manifest(manifest, run_dir))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from sd_lightning.data.datamodule import ResumableShuffleSampler
+from sd_lightning.data.samplers import ResumableShuffleSampler
 from sd_lightning.data.split import stable_seed
 
 log = logging.getLogger(__name__)

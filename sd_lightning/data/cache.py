@@ -9,8 +9,9 @@ Layout of a cache folder (only safetensors and JSON; nothing is unpickled on loa
 - ``latents-00000.safetensors`` … : per item, in source order, the VAE posterior's ``mean`` and ``std``
   (unscaled, fp32), plus ``mean_flipped``/``std_flipped`` of the horizontally flipped image when
   ``data.random_flip`` is on (a VAE is not flip-equivariant, so flipping the latent would be wrong).
-- ``prompts.safetensors``: ``encoder_hidden_states`` [P, L, D], one row per *unique* prompt (digits: 11)
-  and always the null prompt ``""`` that condition dropout trains.
+- ``prompts.safetensors``: whatever the model's conditioner produces, one row per *unique* prompt (digits:
+  11) and always the null prompt ``""`` that condition dropout trains: ``encoder_hidden_states`` [P, L, D],
+  ``pooled_prompt_embeds`` [P, D], …
 - ``index.json``: the fingerprint, the prompts, each shard's sha256, ids and prompt rows.
 
 Posterior: training draws ``mean + std * eps`` with the step's seeded generator, exactly as
@@ -48,12 +49,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 from sd_lightning.data.sources import DataRootError, ImageSource
 from sd_lightning.data.split import stable_seed
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 INDEX_FILE = "index.json"
 PROMPTS_FILE = "prompts.safetensors"
 NULL_PROMPT = ""
@@ -72,7 +74,7 @@ class FrozenEncoders(Protocol):
     text_encoder: torch.nn.Module
     tokenizer: Any
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor: ...
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
@@ -180,7 +182,7 @@ def write_cache(path: str | Path, datamodule: Any, encoders: FrozenEncoders, bat
     check_cacheable(datamodule)
     if getattr(encoders, "train_text_encoder", False):
         raise CacheError("data.cache stores frozen text-encoder outputs, but this model trains the text encoder "
-                         "(model.train_text_encoder / model.lora.text_encoder): train without a cache")
+                         "(model.components.conditioner.train_text_encoder / model.components.lora.text_encoder): train without a cache")
     path = Path(path).expanduser().resolve()
     source = datamodule.source
     captions = [datamodule.captions(item, None) or NULL_PROMPT for item in source.items]
@@ -209,15 +211,15 @@ def write_cache(path: str | Path, datamodule: Any, encoders: FrozenEncoders, bat
 
 def _write_contents(folder: Path, datamodule: Any, encoders: FrozenEncoders, captions: list[str],
                     prompts: list[str], fingerprint: dict[str, Any], batch_size: int, shard_size: int) -> None:
-    from sd_lightning.data.datamodule import DiffusionDataset, collate_examples
 
     source = datamodule.source
     prompt_row = {p: i for i, p in enumerate(prompts)}
     flipped = bool(datamodule.transform.random_flip)
     device = next(encoders.vae.parameters()).device
     with torch.no_grad():
-        states = torch.cat([encoders.encode_prompts(prompts[i : i + 256]) for i in range(0, len(prompts), 256)])
-    save_file({"encoder_hidden_states": states.float().cpu().contiguous()}, str(folder / PROMPTS_FILE))
+        chunks = [encoders.encode_prompts(prompts[i : i + 256]) for i in range(0, len(prompts), 256)]
+    states = {key: torch.cat([c[key] for c in chunks]).float().cpu().contiguous() for key in chunks[0]}
+    save_file(states, str(folder / PROMPTS_FILE))
 
     dataset = DiffusionDataset(source, range(len(source.items)), datamodule.eval_transform, augment=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=datamodule.num_workers,
@@ -303,10 +305,12 @@ class LatentCache:
                                  + REBUILD_HINT.format(path=self.path))
         try:
             with safe_open(str(self.path / PROMPTS_FILE), framework="pt") as handle:
-                shape = handle.get_slice("encoder_hidden_states").get_shape()
-                self.null_hidden_states = handle.get_slice("encoder_hidden_states")[self.prompts.index(NULL_PROMPT)]
-            if shape[0] != len(self.prompts):
-                raise ValueError(f"{shape[0]} rows for {len(self.prompts)} prompts")
+                self.condition_keys = sorted(handle.keys())
+                null_row = self.prompts.index(NULL_PROMPT)
+                self.null_conditioning = {k: handle.get_slice(k)[null_row] for k in self.condition_keys}
+                rows = {handle.get_slice(k).get_shape()[0] for k in self.condition_keys}
+            if rows != {len(self.prompts)}:
+                raise ValueError(f"{sorted(rows)} rows for {len(self.prompts)} prompts")
         except (SafetensorError, OSError, ValueError) as err:
             raise CacheError(f"data.cache={self.path}: {PROMPTS_FILE} is unreadable ({err}); "
                              + REBUILD_HINT.format(path=self.path)) from err
@@ -344,7 +348,7 @@ class LatentCache:
                              "cannot train from it: set data.cache=null")
         if getattr(encoders, "train_text_encoder", False):
             raise CacheError("data.cache holds frozen text-encoder outputs, but this model trains the text encoder "
-                             "(model.train_text_encoder / model.lora.text_encoder): set data.cache=null")
+                             "(model.components.conditioner.train_text_encoder / model.components.lora.text_encoder): set data.cache=null")
         current = model_fingerprint(encoders.vae, encoders.text_encoder, encoders.tokenizer, self.prompts)
         names = {"vae": "VAE encoder weights", "text_encoder": "text-encoder weights", "tokenizer": "tokenizer"}
         reasons = [f"the model's {label} differ from the ones it was built with" for key, label in names.items()
@@ -388,7 +392,7 @@ class LatentCache:
 
 
 class CachedLatentDataset(Dataset):
-    """Cached items ``{latents, latents_std, encoder_hidden_states, prompt, id}`` at positions of ``indices``.
+    """Cached items ``{latents, latents_std, <conditioning keys>, prompt, id}`` at positions of ``indices``.
 
     ``latents``/``latents_std`` are the unscaled posterior mean/std; with ``augment`` and a flip cache, the
     flipped pair is chosen by the same per-(seed, id, epoch) draw as ``ImageTransform``'s flip. Items
@@ -430,27 +434,28 @@ class CachedLatentDataset(Dataset):
             rng = random.Random(stable_seed(self.seed, item.id, self.epoch))
             suffix = "_flipped" if rng.random() < 0.5 else ""
         handle = self._handle(self.cache.shard_files[shard])
+        prompts = self._handle(self.cache.prompt_file)
         return {
             "latents": handle.get_slice(f"mean{suffix}")[row],
             "latents_std": handle.get_slice(f"std{suffix}")[row],
-            "encoder_hidden_states": self._handle(self.cache.prompt_file).get_slice("encoder_hidden_states")[prompt],
+            **{key: prompts.get_slice(key)[prompt] for key in self.cache.condition_keys},
             "prompt": self.cache.prompts[prompt],
             "id": item.id,
         }
 
 
 class CachedCollate:
-    """Stacks cached items; adds the null prompt's hidden states for condition dropout in the step."""
+    """Stacks cached items; adds the null prompt's conditioning (``null_<key>``) for condition dropout in the step."""
 
-    def __init__(self, null_hidden_states: torch.Tensor) -> None:
-        self.null_hidden_states = null_hidden_states
+    def __init__(self, null_conditioning: dict[str, torch.Tensor]) -> None:
+        self.null_conditioning = null_conditioning
 
     def __call__(self, examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [e for e in examples if e is not None]
         batch: dict[str, Any] = {"prompt": [e["prompt"] for e in kept], "id": [e["id"] for e in kept],
                                  "num_skipped": len(examples) - len(kept),
-                                 "null_encoder_hidden_states": self.null_hidden_states}
-        for key in ("latents", "latents_std", "encoder_hidden_states"):
+                                 **{f"null_{k}": v for k, v in self.null_conditioning.items()}}
+        for key in ("latents", "latents_std", *self.null_conditioning):
             batch[key] = torch.stack([e[key] for e in kept]) if kept else torch.empty(0)
         return batch
 
@@ -466,4 +471,4 @@ def open_cached_datasets(datamodule: Any, train: Sequence[int],
     cache.check_data(datamodule, [*train, *val])
     return (cache.dataset(datamodule.source, train, datamodule.seed, augment=True),
             cache.dataset(datamodule.source, val, datamodule.seed, augment=False),
-            CachedCollate(cache.null_hidden_states))
+            CachedCollate(cache.null_conditioning))

@@ -3,137 +3,23 @@
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from sd_lightning.data.sources import ImageSource, UnreadableImageError, read_exclusions
+from sd_lightning.data.buckets import AspectRatioBuckets, BucketSampler
+from sd_lightning.data.cache import open_cached_datasets
+from sd_lightning.data.datasets import DiffusionDataset, collate_examples
+from sd_lightning.data.samplers import ResumableShuffleSampler, ShardedEvalSampler
+from sd_lightning.data.sources import ImageSource, read_exclusions
 from sd_lightning.data.split import split_fraction, split_indices, stable_seed
 from sd_lightning.data.transforms import UNLABELED_POLICIES, CaptionTransform, ColorJitter, ImageTransform
 
 log = logging.getLogger(__name__)
-
-
-class DiffusionDataset(Dataset):
-    """Decoded, preprocessed examples ``{pixel_values, prompt, id}``; ``None`` for an unreadable image.
-
-    ``sizes`` gives each position's (width, height) aspect-ratio bucket (None = square ``resolution``);
-    ``captions`` decides the prompt (None = the source's caption); an unlabeled item gets the null prompt "".
-    """
-
-    def __init__(self, source: ImageSource, indices: Sequence[int], transform: ImageTransform, seed: int = 0,
-                 augment: bool = True, captions: CaptionTransform | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None, repeats: Sequence[int] | None = None) -> None:
-        self.source = source
-        self.indices = list(indices)
-        # (position, occurrence) per sample of an epoch when some items repeat (labeled oversampling).
-        self.occurrences = None if repeats is None else [(position, k) for position, count in enumerate(repeats)
-                                                         for k in range(count)]
-        self.transform = transform
-        self.seed = seed
-        self.augment = augment
-        self.captions = captions
-        self.sizes = sizes
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.indices) if self.occurrences is None else len(self.occurrences)
-
-    def __getitem__(self, position: int) -> dict[str, Any] | None:
-        occurrence = 0
-        if self.occurrences is not None:
-            position, occurrence = self.occurrences[position]
-        index = self.indices[position]
-        item = self.source.items[index]
-        try:
-            image = self.source.load_image(index)
-        except UnreadableImageError as err:
-            log.warning("skipping unreadable image %s (%s)", item.id, err)
-            return None
-        # A repeated item's later copies get their own id, so their noise, timesteps and augmentation differ.
-        sample_id = item.id if occurrence == 0 else f"{item.id}#{occurrence}"
-        rng = random.Random(stable_seed(self.seed, sample_id, self.epoch)) if self.augment else None
-        size = self.sizes[position] if self.sizes is not None else None
-        caption = item.caption
-        if self.captions is not None:
-            tag_rng = random.Random(stable_seed(self.seed, "tags", sample_id, self.epoch)) if self.augment else None
-            caption = self.captions(item, tag_rng)
-        return {"pixel_values": self.transform(image, rng, size), "prompt": caption or "", "id": sample_id}
-
-
-def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack the readable examples; ``num_skipped`` counts the unreadable ones in this batch."""
-    kept = [e for e in examples if e is not None]
-    if not kept:
-        return {"pixel_values": torch.empty(0), "prompt": [], "id": [], "num_skipped": len(examples)}
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in kept]),
-        "prompt": [e["prompt"] for e in kept],
-        "id": [e["id"] for e in kept],
-        "num_skipped": len(examples) - len(kept),
-    }
-
-
-class ResumableShuffleSampler(DistributedSampler):
-    """Shuffles with a permutation seeded by (seed, epoch) and remembers its position in it.
-
-    The state (epoch, position) is all a resumed run needs: unlike a sampler drawing from a chained
-    generator, the next epochs' orders do not depend on how the current one was reached. Lightning
-    calls ``set_epoch`` at each epoch start; across processes, each rank takes every world-th index of the
-    same permutation (equal shares, remainder dropped), so it is also the DDP sampler.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        num_replicas = num_replicas or (torch.distributed.get_world_size() if distributed else 1)
-        rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.size = len(dataset)
-        self.position = 0
-
-    def __len__(self) -> int:
-        return self.size // self.num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def rank_order(self) -> list[int]:
-        """This rank's indices for the current epoch (subclasses change the order, not the resume logic)."""
-        generator = torch.Generator().manual_seed(stable_seed(self.seed, "shuffle", self.epoch))
-        return torch.randperm(self.size, generator=generator)[self.rank : len(self) * self.num_replicas : self.num_replicas].tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        for index in self.rank_order()[self.position :]:
-            self.position += 1
-            yield index
-        self.epoch, self.position = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.epoch, self.position = int(state_dict["epoch"]), int(state_dict["position"])
-
-
-class ShardedEvalSampler(DistributedSampler):
-    """Every validation sample on exactly one process, none repeated (DistributedSampler pads)."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.indices_for_rank = list(range(rank, len(dataset), num_replicas))
-        self.num_samples = len(self.indices_for_rank)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices_for_rank)
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -208,7 +94,6 @@ class DiffusionDataModule(L.LightningDataModule):
         self.transform = ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
                                         color_jitter=color_jitter, max_zoom=max_zoom)
         self.captions = CaptionTransform(conditioning, caption_template, labeled_fraction, shuffle_tags, keep_tokens)
-        from sd_lightning.data.buckets import AspectRatioBuckets  # buckets.py builds on this module's sampler
 
         unknown = set(buckets or {}).difference({"multiple", "max_aspect"})
         if unknown:
@@ -282,8 +167,6 @@ class DiffusionDataModule(L.LightningDataModule):
                                             captions=self.captions)
         if self.cache:
             # cache.py builds on this module's dataset
-            from sd_lightning.data.cache import open_cached_datasets
-
             self.train_dataset, self.val_dataset, self.collate_fn = open_cached_datasets(self, train, val)
         log.info("data: %s → %d train / %d validation (%d excluded)", self.source.describe(), len(train), len(val),
                  len(excluded))
@@ -312,8 +195,6 @@ class DiffusionDataModule(L.LightningDataModule):
         self._check_cache_model()
         effective = min(self.batch_size, len(self.train_dataset))
         if self.train_bucket_ids is not None:
-            from sd_lightning.data.buckets import BucketSampler
-
             sampler = BucketSampler(self.train_dataset, self.train_bucket_ids, effective, seed=self.seed)
             loader = StatefulDataLoader if self.stateful else DataLoader
             return loader(self.train_dataset, batch_size=effective, sampler=sampler, drop_last=True,

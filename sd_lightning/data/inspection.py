@@ -8,7 +8,6 @@ read, paths that escape the root are never opened.
 
 from __future__ import annotations
 
-import csv
 import enum
 import hashlib
 import io
@@ -28,10 +27,10 @@ import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sd_lightning.data.captions import MetadataError, caption_of, read_metadata
 from sd_lightning.data.sources import IMAGE_EXTENSIONS, DataRootError, resolve_inside
 
 REPORT_VERSION = 1
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # Leading bytes of formats PIL reads: a file starting with one of these is a damaged image, not "not an image".
 _MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
@@ -240,43 +239,11 @@ def decode(data: bytes) -> tuple[Image.Image | None, Reason | None, str]:
 
 
 def _metadata_rows(root: Path) -> tuple[Path | None, dict[str, Any]]:
-    """Rows of metadata.jsonl (preferred) or metadata.csv as ImageFolderSource reads them: id → raw text.
-
-    ``text`` is kept raw (``None`` when the column is absent) so that missing and empty captions differ.
-    """
-    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
-    if jsonl.exists():
-        source = jsonl
-        try:
-            lines = jsonl.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as err:
-            raise DataRootError(f"{jsonl} is not UTF-8 ({err}); training cannot read it either") from err
-        rows = []
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataRootError(f"{jsonl}:{line_no}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataRootError(f"{jsonl}:{line_no}: expected a JSON object with 'file_name' and 'text'")
-            rows.append(row)
-    elif csv_path.exists():
-        source = csv_path
-        try:
-            with csv_path.open(encoding="utf-8", newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        except UnicodeDecodeError as err:
-            raise DataRootError(f"{csv_path} is not UTF-8 ({err}); training cannot read it either") from err
-    else:
-        return None, {}
-    texts: dict[str, Any] = {}
-    for number, row in enumerate(rows, start=1):
-        if "file_name" not in row:
-            raise DataRootError(f"{source}: row {number} has no 'file_name' field (columns: {sorted(row)})")
-        texts[str(row["file_name"])] = row.get("text")
-    return source, texts
+    """The metadata rows exactly as ImageFolderSource reads them (``captions.read_metadata``)."""
+    try:
+        return read_metadata(root)
+    except MetadataError as err:
+        raise DataRootError(f"{err}; training cannot read it either") from err
 
 
 def _walk(root: Path) -> tuple[list[str], list[str]]:
@@ -292,18 +259,6 @@ def _walk(root: Path) -> tuple[list[str], list[str]]:
             elif name in names and path.is_file():
                 files.append(relative)
     return sorted(files), sorted(links)
-
-
-def _sidecar_caption(path: Path) -> tuple[str | None, Reason | None]:
-    """The ``<image>.txt`` caption as ImageFolderSource reads it, or why it gives none."""
-    sidecar = path.with_suffix(".txt")
-    if not sidecar.is_file():
-        return None, None
-    try:
-        text = sidecar.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        return None, Reason.NON_UTF8_CAPTION
-    return (text, None) if text else (None, Reason.EMPTY_CAPTION)
 
 
 def _token_stats(counts: Sequence[int], limit: int) -> dict[str, float]:
@@ -453,22 +408,10 @@ def _captions(root: Path, metadata_file: Path | None, texts: Mapping[str, Any], 
     for record in records:
         if not record.in_training:
             continue
-        why: Reason | None = None
-        if metadata_file is not None:
-            raw = texts.get(record.id)
-            if raw is not None and str(raw).strip() != "":
-                record.caption, record.caption_source = str(raw), "metadata"
-            elif raw is not None:
-                why = Reason.EMPTY_CAPTION
-        if record.caption is None:
-            text, sidecar_why = _sidecar_caption(resolve_inside(root, record.id))
-            if text is not None:
-                record.caption, record.caption_source = text, "sidecar"
-            why = sidecar_why or why
-        parent = Path(record.id).parent
-        if record.caption is None and settings.caption_template and parent != Path("."):
-            record.caption = settings.caption_template.format(class_name=parent.name.replace("_", " "))
-            record.caption_source = "class_folder"
+        caption = caption_of(resolve_inside(root, record.id), record.id, texts if metadata_file else None,
+                             settings.caption_template)
+        record.caption, record.caption_source = caption.text, caption.source
+        why = None if caption.why is None else Reason(caption.why)
         if record.caption is None and record.width is not None and settings.check_captions:
             # (undecodable files are excluded for a worse reason)
             if why is Reason.NON_UTF8_CAPTION:

@@ -6,15 +6,16 @@ can split, filter and report on a data set without reading every pixel.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from sd_lightning.data.captions import MetadataError, caption_of, class_name, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -100,34 +101,6 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return candidate
 
 
-def _read_metadata(root: Path) -> dict[str, str | None] | None:
-    """Captions from ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face imagefolder convention)."""
-    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
-    rows: list[dict] = []
-    if jsonl.exists():
-        for line_no, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataRootError(f"{jsonl}:{line_no}: not valid JSON ({err.msg})") from err
-        source = jsonl
-    elif csv_path.exists():
-        with csv_path.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        source = csv_path
-    else:
-        return None
-    captions: dict[str, str | None] = {}
-    for number, row in enumerate(rows, start=1):
-        if "file_name" not in row:
-            raise DataRootError(f"{source}: row {number} has no 'file_name' field (columns: {sorted(row)})")
-        text = row.get("text")
-        captions[str(row["file_name"])] = None if text is None or str(text).strip() == "" else str(text)
-    return captions
-
-
 def read_exclusions(path: str | Path | None) -> list[str]:
     """Item ids listed one per line (``#`` comments allowed), as ``sdl-data clean`` writes them."""
     if not path:
@@ -163,7 +136,11 @@ class ImageFolderSource(ImageSource):
         self.caption_template = caption_template
         extensions = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
         excluded = {*exclude, *read_exclusions(exclude_file)}
-        metadata = _read_metadata(self.root)
+        try:
+            metadata_file, texts = read_metadata(self.root)
+        except MetadataError as err:
+            raise DataRootError(str(err)) from err
+        metadata = texts if metadata_file is not None else None
         if metadata is not None:
             relative_paths = [name for name in metadata if name not in excluded]
             for name in relative_paths:
@@ -182,27 +159,14 @@ class ImageFolderSource(ImageSource):
 
     @staticmethod
     def _label(relative: str) -> str | None:
-        """The class sub-folder name (underscores as spaces); None for images at the root."""
-        parent = Path(relative).parent
-        return parent.name.replace("_", " ") if parent != Path(".") else None
+        return class_name(relative)
 
-    def _caption(self, relative: str, metadata: dict[str, str | None] | None) -> str | None:
-        if metadata is not None and metadata.get(relative) is not None:
-            return metadata[relative]
-        sidecar = resolve_inside(self.root, relative).with_suffix(".txt")
-        if sidecar.is_file():
-            try:
-                text = sidecar.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError:
-                log.warning("caption file %s is not UTF-8; treating the image as unlabeled", sidecar)
-                text = ""
-            if text:
-                return text
-        parent = Path(relative).parent
-        if self.caption_template and parent != Path("."):
-            class_name = parent.name.replace("_", " ")
-            return self.caption_template.format(class_name=class_name)
-        return None
+    def _caption(self, relative: str, metadata: dict[str, Any] | None) -> str | None:
+        caption = caption_of(resolve_inside(self.root, relative), relative, metadata, self.caption_template)
+        if caption.why == "non_utf8_caption" and caption.text is None:
+            log.warning("caption file %s is not UTF-8; treating the image as unlabeled",
+                        Path(relative).with_suffix(".txt"))
+        return caption.text
 
     def path(self, index: int) -> Path:
         return resolve_inside(self.root, self.items[index].id)

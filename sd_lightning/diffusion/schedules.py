@@ -1,4 +1,4 @@
-"""Noise schedulers: the training schedule and the samplers built from it."""
+"""Samplers for the DDPM objectives, built from the training schedule's config."""
 
 from __future__ import annotations
 
@@ -20,27 +20,6 @@ SAMPLING_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
 }
-
-
-def build_noise_scheduler(
-    prediction_type: str = "epsilon",
-    num_train_timesteps: int = 1000,
-    beta_schedule: str = "squaredcos_cap_v2",
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    rescale_betas_zero_snr: bool = False,
-) -> DDPMScheduler:
-    """The forward process used in training; the module sets ``prediction_type`` from its objective."""
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        prediction_type=prediction_type,
-        clip_sample=False,
-        timestep_spacing="trailing",
-        rescale_betas_zero_snr=rescale_betas_zero_snr,
-    )
 
 
 def sampling_scheduler(name: str, training_config: dict[str, Any]) -> SchedulerMixin:

@@ -1,73 +1,57 @@
-"""Per-timestep loss weights ([B]); they multiply the per-sample loss."""
+"""Per-timestep loss weights ([B]) that multiply the per-sample loss; each asks the objective, never its name.
+
+Weights from the DDPM literature are defined on the ε-MSE; ``objective.epsilon_loss_scale`` re-expresses them for
+the objective's own target (a weight w on the ε error is w / scale on the target's error), which is how
+Min-SNR-γ's min(SNR, γ)/SNR becomes min(SNR, γ)/(SNR + 1) for v-prediction. They apply to every objective with
+an SNR (flow matching included). The SD3 weightings are defined on σ and need ``objective=flow_matching``.
+"""
 
 from __future__ import annotations
 
 import torch
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from sd_lightning.diffusion.objectives import Objective
 
 
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t)."""
-    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alpha_bar / (1 - alpha_bar)
+class Weighting:
+    """Base: ``epsilon_weight(snr)`` on the ε-MSE, converted for the objective's target."""
 
+    def epsilon_weight(self, snr: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-class UniformWeighting:
-    def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
-        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    def __call__(self, timesteps: torch.Tensor, objective: Objective) -> torch.Tensor:
+        return self.epsilon_weight(objective.snr(timesteps)) / objective.epsilon_loss_scale(timesteps)
 
     def __repr__(self) -> str:
-        return "UniformWeighting()"
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
 
 
-class MinSnrWeighting:
-    """Min-SNR-γ (Hang et al. 2023, eq. 9): min(SNR, γ) expressed for the objective's target.
+class UniformWeighting(Weighting):
+    """Every timestep weighs 1 on the objective's own target (L_simple)."""
 
-    ε-target: min(SNR, γ)/SNR; v-target: min(SNR, γ)/(SNR + 1); x0-target: min(SNR, γ).
-    """
+    def __call__(self, timesteps: torch.Tensor, objective: Objective) -> torch.Tensor:
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+
+
+class MinSnrWeighting(Weighting):
+    """Min-SNR-γ (Hang et al. 2023, eq. 9): min(SNR, γ)/SNR on the ε-MSE."""
 
     def __init__(self, gamma: float = 5.0) -> None:
         if gamma <= 0:
             raise ValueError(f"weighting.gamma must be positive, got {gamma}")
         self.gamma = gamma
 
-    def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
-        ratio = snr(alphas_cumprod, timesteps)
-        clipped = ratio.clamp(max=self.gamma)
-        if objective.prediction_type == "epsilon":
-            return clipped / ratio
-        if objective.prediction_type == "v_prediction":
-            return clipped / (ratio + 1)
-        return clipped
-
-    def __repr__(self) -> str:
-        return f"MinSnrWeighting(gamma={self.gamma})"
+    def epsilon_weight(self, snr: torch.Tensor) -> torch.Tensor:
+        return snr.clamp(max=self.gamma) / snr
 
 
-def _for_objective(epsilon_weight: torch.Tensor, ratio: torch.Tensor, objective: Objective) -> torch.Tensor:
-    """Re-express a weight defined on the ε-MSE for the objective's own target.
+class DebiasedEstimationWeighting(Weighting):
+    """Debiased estimation (Yu et al. 2024): 1/sqrt(SNR) on the ε-MSE, capped at ``max_weight`` (null: no cap).
 
-    At a fixed x_t, v̂ - v = (ε̂ - ε)/sqrt(ᾱ_t) and x̂0 - x0 = -(ε̂ - ε)/sqrt(SNR), so
-    ||v̂ - v||² = (SNR + 1)/SNR · ||ε̂ - ε||² and ||x̂0 - x0||² = ||ε̂ - ε||² / SNR. The same effective weight w
-    on the ε error is therefore w·SNR/(SNR + 1) on a v loss and w·SNR on an x0 loss (this is how Min-SNR-γ's
-    min(SNR, γ)/SNR becomes min(SNR, γ)/(SNR + 1) for v-prediction).
-    """
-    if objective.prediction_type == "v_prediction":
-        return epsilon_weight * ratio / (ratio + 1)
-    if objective.prediction_type == "sample":
-        return epsilon_weight * ratio
-    return epsilon_weight
-
-
-class DebiasedEstimationWeighting:
-    """Debiased estimation loss (Yu et al. 2024, "Unmasking Bias in Diffusion Model Training"): 1/sqrt(SNR) on ε.
-
-    Down-weights low-noise steps, whose ε-loss otherwise dominates training with little effect on samples.
-    Per objective (see ``_for_objective``): ε-target 1/sqrt(SNR); v-target 1/sqrt(SNR) · SNR/(SNR + 1) =
-    sqrt(SNR)/(SNR + 1); x0-target sqrt(SNR). ``max_weight`` caps the ε-weight 1/sqrt(SNR) *before* that
-    conversion (it is infinite at a zero-terminal-SNR step), so all objectives keep one effective weight;
-    ``None`` disables the cap.
+    Down-weights low-noise steps, whose ε-loss otherwise dominates training with little effect on samples; the
+    cap keeps it finite at a zero-terminal-SNR step.
     """
 
     def __init__(self, max_weight: float | None = 1000.0) -> None:
@@ -75,25 +59,13 @@ class DebiasedEstimationWeighting:
             raise ValueError(f"weighting.max_weight must be positive or null, got {max_weight}")
         self.max_weight = max_weight
 
-    def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
-        ratio = snr(alphas_cumprod, timesteps)
-        epsilon_weight = ratio.rsqrt()
-        if self.max_weight is not None:
-            epsilon_weight = epsilon_weight.clamp(max=self.max_weight)
-        return _for_objective(epsilon_weight, ratio, objective)
-
-    def __repr__(self) -> str:
-        return f"DebiasedEstimationWeighting(max_weight={self.max_weight})"
+    def epsilon_weight(self, snr: torch.Tensor) -> torch.Tensor:
+        weight = snr.rsqrt()
+        return weight if self.max_weight is None else weight.clamp(max=self.max_weight)
 
 
-class P2Weighting:
-    """Perception-prioritized weighting (Choi et al. 2022, eq. 8): λ'_t = 1 / (k + SNR)^γ on the ε-MSE.
-
-    Puts less weight on the low-noise steps that only refine imperceptible detail; k keeps the weight finite
-    as SNR → 0 and γ sets how strongly high-SNR steps are suppressed (γ = 0 is uniform). The paper defines it
-    for the ε-MSE (L_simple); other targets get the conversion Min-SNR-γ uses (see ``_for_objective``):
-    v-target SNR / ((k + SNR)^γ (SNR + 1)), x0-target SNR / (k + SNR)^γ.
-    """
+class P2Weighting(Weighting):
+    """Perception-prioritized weighting (Choi et al. 2022, eq. 8): 1 / (k + SNR)^γ on the ε-MSE."""
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0) -> None:
         if k <= 0:
@@ -102,9 +74,17 @@ class P2Weighting:
             raise ValueError(f"weighting.gamma must be >= 0, got {gamma}")
         self.k, self.gamma = k, gamma
 
-    def __call__(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, objective: Objective) -> torch.Tensor:
-        ratio = snr(alphas_cumprod, timesteps)
-        return _for_objective((self.k + ratio).pow(-self.gamma), ratio, objective)
+    def epsilon_weight(self, snr: torch.Tensor) -> torch.Tensor:
+        return (self.k + snr).pow(-self.gamma)
 
-    def __repr__(self) -> str:
-        return f"P2Weighting(k={self.k}, gamma={self.gamma})"
+
+class SD3Weighting(Weighting):
+    """diffusers' ``compute_loss_weighting_for_sd3`` on the objective's σ: ``sigma_sqrt`` (σ⁻²) or ``cosmap``."""
+
+    def __init__(self, scheme: str = "cosmap") -> None:
+        if scheme not in ("sigma_sqrt", "cosmap"):
+            raise ValueError(f"weighting.scheme={scheme!r} must be 'sigma_sqrt' or 'cosmap'")
+        self.scheme = scheme
+
+    def __call__(self, timesteps: torch.Tensor, objective: Objective) -> torch.Tensor:
+        return compute_loss_weighting_for_sd3(self.scheme, objective.sigma(timesteps)).float()

@@ -147,7 +147,7 @@ def load_split_images(datamodule: Any, max_items: int | None = None) -> LabeledI
 
     ``max_items`` caps each split (first items in source order). Unreadable images are skipped, as in training.
     """
-    from sd_lightning.data.datamodule import DiffusionDataset, collate_examples
+    from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 
     datamodule.setup("validate")
     out: dict[str, tuple[torch.Tensor, list[str | None]]] = {}

@@ -76,11 +76,6 @@ class AutoencoderModule(L.LightningModule):
             latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
         return self.vae.decode(latents).sample, posterior
 
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
     def reconstruction_losses(self, pixel_values: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
         reconstruction, posterior = self(pixel_values, generator)
         terms = {

@@ -1,16 +1,18 @@
-"""Model builders: the parts of a latent diffusion model, from small configs or a local diffusers folder."""
+"""Model builders: denoiser, VAE and conditioner, from small configs or a local diffusers folder."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
 
-from sd_lightning.diffusion.schedules import build_noise_scheduler
+from sd_lightning.models.conditioners import TextConditioner
+from sd_lightning.models.denoisers import Denoiser, UNetDenoiser, build_unet, prepare_denoiser
+from sd_lightning.models.lora import LoraSpec, inject_lora
 
 log = logging.getLogger(__name__)
 
@@ -23,47 +25,18 @@ class MissingModelError(FileNotFoundError):
 
 @dataclass
 class DiffusionComponents:
-    """The parts of a Stable-Diffusion-shaped model; ``tokenizer_source`` says where the tokenizer came from."""
+    """The parts of a latent diffusion model: a denoiser backbone, a VAE and a conditioner."""
 
-    unet: UNet2DConditionModel
+    denoiser: Denoiser
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: PreTrainedTokenizerBase
-    noise_scheduler: DDPMScheduler
-    tokenizer_source: str = TINY_TOKENIZER
+    conditioner: TextConditioner
+    lora: LoraSpec | None = None
 
-
-def build_unet(
-    sample_size: int = 8,
-    in_channels: int = 4,
-    block_out_channels: Sequence[int] = (32, 64),
-    down_block_types: Sequence[str] = ("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types: Sequence[str] = ("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block: int = 1,
-    cross_attention_dim: int = 32,
-    attention_head_dim: int | Sequence[int] = 8,
-    norm_num_groups: int = 8,
-    dropout: float = 0.0,
-) -> UNet2DConditionModel:
-    """A UNet2DConditionModel of the given size (random init)."""
-    if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
-        raise ValueError(
-            "model.unet: down_block_types, up_block_types and block_out_channels must have the same length, "
-            f"got {len(down_block_types)}, {len(up_block_types)}, {len(block_out_channels)}"
-        )
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=tuple(block_out_channels),
-        down_block_types=tuple(down_block_types),
-        up_block_types=tuple(up_block_types),
-        layers_per_block=layers_per_block,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=attention_head_dim if isinstance(attention_head_dim, int) else tuple(attention_head_dim),
-        norm_num_groups=norm_num_groups,
-        dropout=dropout,
-    )
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        config = self.vae.config
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        return int(config.latent_channels), int(config.sample_size) // factor
 
 
 def build_vae(
@@ -129,58 +102,79 @@ def build_text_encoder(
     return CLIPTextModel(config)
 
 
+def _finish(denoiser: Denoiser, vae: AutoencoderKL, conditioner: TextConditioner, lora: LoraSpec | None,
+            gradient_checkpointing: bool, attention: str, channels_last: bool, compile: str | None
+            ) -> DiffusionComponents:
+    """Freeze what does not train, inject adapters, apply the speed switches: once, for every backbone."""
+    vae.requires_grad_(False)
+    vae.eval()
+    conditioner.freeze()
+    if lora is not None:
+        inject_lora(denoiser.model, conditioner.text_encoder, lora)
+    prepare_denoiser(denoiser, gradient_checkpointing, attention, channels_last, compile)
+    return DiffusionComponents(denoiser, vae, conditioner, lora)
+
+
 def build_components(
-    unet: dict | None = None,
+    denoiser: Callable[..., Denoiser] | None = None,
     vae: dict | None = None,
     vae_path: str | None = None,
     vae_hint: str = "",
     text_encoder: dict | None = None,
-    noise_scheduler: dict | None = None,
+    conditioner: dict | None = None,
+    lora: LoraSpec | None = None,
+    gradient_checkpointing: bool = False,
+    attention: str = "sdpa",
+    channels_last: bool = False,
+    compile: str | None = None,
 ) -> DiffusionComponents:
-    """Components from configs: a random UNet and text encoder, and a trained VAE when ``vae_path`` is set."""
+    """Components from configs: a trained VAE when ``vae_path`` is set, a random text encoder and denoiser.
+
+    ``denoiser`` is a builder (a ``_partial_`` config) called with the sizes the other parts fix: latent channels
+    and size from the VAE, sequence and pooled widths from the conditioner.
+    """
     tokenizer = load_tokenizer(TINY_TOKENIZER)
     if vae_path:
         vae_model = load_vae(vae_path, hint=vae_hint)
     else:
-        log.warning("model.vae_path is not set: using a randomly initialised VAE (train one with a VAE experiment)")
+        log.warning("model.components.vae_path is not set: using a randomly initialised VAE (train one with a VAE "
+                    "experiment)")
         vae_model = build_vae(**(vae or {}))
-    unet_kwargs = dict(unet or {})
-    unet_kwargs.setdefault("in_channels", vae_model.config.latent_channels)
-    vae_factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
-    unet_kwargs.setdefault("sample_size", vae_model.config.sample_size // vae_factor)
-    text_kwargs = dict(text_encoder or {})
-    text_model = build_text_encoder(tokenizer, **text_kwargs)
-    unet_kwargs.setdefault("cross_attention_dim", text_model.config.hidden_size)
-    if unet_kwargs["cross_attention_dim"] != text_model.config.hidden_size:
-        raise ValueError(
-            f"model.unet.cross_attention_dim={unet_kwargs['cross_attention_dim']} must equal "
-            f"model.text_encoder.hidden_size={text_model.config.hidden_size}"
-        )
-    return DiffusionComponents(
-        unet=build_unet(**unet_kwargs),
-        vae=vae_model,
-        text_encoder=text_model,
-        tokenizer=tokenizer,
-        noise_scheduler=build_noise_scheduler(**(noise_scheduler or {})),
-        tokenizer_source=TINY_TOKENIZER,
+    text = TextConditioner(tokenizer, build_text_encoder(tokenizer, **(text_encoder or {})),
+                           tokenizer_source=TINY_TOKENIZER, **(conditioner or {}))
+    factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
+    backbone = (denoiser or build_unet)(
+        in_channels=vae_model.config.latent_channels,
+        sample_size=vae_model.config.sample_size // factor,
+        cross_attention_dim=text.sequence_dim,
+        pooled_dim=text.pooled_dim,
     )
+    return _finish(backbone, vae_model, text, lora, gradient_checkpointing, attention, channels_last, compile)
 
 
-def load_pretrained_components(path: str | Path) -> DiffusionComponents:
-    """A local Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), offline."""
+def load_pretrained_components(
+    path: str | Path,
+    conditioner: dict | None = None,
+    lora: LoraSpec | None = None,
+    gradient_checkpointing: bool = False,
+    attention: str = "sdpa",
+    channels_last: bool = False,
+    compile: str | None = None,
+) -> DiffusionComponents:
+    """A local Stable Diffusion 1.x/2.x folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), offline."""
     root = Path(path).expanduser()
     missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / sub).is_dir()]
     if missing:
         raise MissingModelError(
             f"model.path={root} is not a Stable Diffusion diffusers folder: missing {', '.join(m + '/' for m in missing)}"
         )
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-    scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=False)
-    return DiffusionComponents(
-        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True),
-        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True),
-        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True),
-        tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
-        noise_scheduler=scheduler,
-        tokenizer_source=str(root / "tokenizer"),
+    text = TextConditioner(
+        AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
+        CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True),
+        tokenizer_source=str(root / "tokenizer"), **(conditioner or {}),
+    )
+    return _finish(
+        UNetDenoiser(UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)),
+        AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True),
+        text, lora, gradient_checkpointing, attention, channels_last, compile,
     )

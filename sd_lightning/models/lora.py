@@ -44,14 +44,17 @@ class LoraSpec:
     def __post_init__(self) -> None:
         self.unet_target_modules = [str(m) for m in self.unet_target_modules]
         self.text_encoder_target_modules = [str(m) for m in self.text_encoder_target_modules]
+        problems = []
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"model.lora.rank={self.rank!r} must be an integer >= 1")
+            problems.append(f"model.components.lora.rank={self.rank!r} must be an integer >= 1")
         if not self.alpha > 0:
-            raise ValueError(f"model.lora.alpha={self.alpha!r} must be > 0 (the adapter scale is alpha / rank)")
+            problems.append(f"model.components.lora.alpha={self.alpha!r} must be > 0 (the adapter scale is alpha / rank)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout={self.dropout!r} must be in [0, 1)")
+            problems.append(f"model.components.lora.dropout={self.dropout!r} must be in [0, 1)")
         if not self.unet_target_modules:
-            raise ValueError("model.lora.unet_target_modules is empty: name the UNet layers to adapt (e.g. to_q)")
+            problems.append("model.components.lora.unet_target_modules is empty: name the layers to adapt (e.g. to_q)")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def peft_config(self, target_modules: Sequence[str]) -> LoraConfig:
         return LoraConfig(
@@ -77,11 +80,11 @@ def _check_targets(module: torch.nn.Module, targets: Sequence[str], key: str) ->
 
 def inject_lora(unet: UNet2DConditionModel, text_encoder: torch.nn.Module, spec: LoraSpec) -> None:
     """Freeze the base weights and add trainable adapters (the UNet's, and the text encoder's if asked)."""
-    _check_targets(unet, spec.unet_target_modules, "model.lora.unet_target_modules")
+    _check_targets(unet, spec.unet_target_modules, "model.components.lora.unet_target_modules")
     unet.requires_grad_(False)
     unet.add_adapter(spec.peft_config(spec.unet_target_modules))
     if spec.text_encoder:
-        _check_targets(text_encoder, spec.text_encoder_target_modules, "model.lora.text_encoder_target_modules")
+        _check_targets(text_encoder, spec.text_encoder_target_modules, "model.components.lora.text_encoder_target_modules")
         text_encoder.requires_grad_(False)
         # peft directly: transformers' add_adapter wants a newer peft than diffusers does.
         inject_adapter_in_model(spec.peft_config(spec.text_encoder_target_modules), text_encoder, "default")

@@ -1,7 +1,7 @@
 """Lightning strategies for multi-GPU training, built with what the latent diffusion module needs.
 
 DDP needs nothing special (``conf/trainer/ddp.yaml`` instantiates Lightning's class directly). FSDP
-wraps each UNet block in its own shard unit and keeps original parameters, because the module mixes
+wraps each denoiser block in its own shard unit and keeps original parameters, because the module mixes
 frozen (VAE, text encoder) and trained weights, which one flat parameter cannot hold.
 """
 
@@ -10,20 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 
-def unet_block_classes() -> set[type]:
-    """The diffusers blocks that form FSDP units and activation-checkpointing regions."""
+def denoiser_block_classes() -> set[type]:
+    """The diffusers blocks (UNet and MMDiT) that form FSDP units and activation-checkpointing regions."""
+    from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    return {ResnetBlock2D, Transformer2DModel}
+    return {ResnetBlock2D, Transformer2DModel, JointTransformerBlock}
 
 
 def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", cpu_offload: bool = False,
                   activation_checkpointing: bool = True, **kwargs: Any) -> Any:
-    """Lightning's FSDPStrategy sharding the UNet block by block."""
+    """Lightning's FSDPStrategy sharding the denoiser block by block."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    blocks = unet_block_classes()
+    blocks = denoiser_block_classes()
     return FSDPStrategy(
         sharding_strategy=sharding_strategy,
         cpu_offload=cpu_offload,

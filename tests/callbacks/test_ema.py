@@ -11,12 +11,12 @@ from sd_lightning.callbacks.ema import EMACallback
 from conftest import FAST
 
 
-def test_ema_covers_unet_only_and_tracks_the_average(trained_run):
+def test_ema_covers_the_denoiser_only_and_tracks_the_average(trained_run):
     checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     state = checkpoint["callbacks"]["ema"]
-    assert state["param_names"] and all(name.startswith("unet.") for name in state["param_names"])
-    unet_params = [k for k in checkpoint["state_dict"] if k.startswith("unet.")]
-    assert len(state["param_names"]) == len(unet_params)
+    assert state["param_names"] and all(name.startswith("denoiser.") for name in state["param_names"])
+    denoiser_params = [k for k in checkpoint["state_dict"] if k.startswith("denoiser.")]
+    assert len(state["param_names"]) == len(denoiser_params)
     assert state["optimization_step"] == checkpoint["global_step"]
     differs = [not torch.equal(s, checkpoint["state_dict"][n]) for n, s in zip(state["param_names"], state["shadow_params"])]
     assert any(differs)
@@ -27,20 +27,20 @@ def test_ema_swaps_weights_for_validation_and_restores_them(train_config):
     model = instantiate(cfg.model)
     callback = EMACallback(decay=0.9)
     callback.ema = EMAModel(model.trainable_parameters(), decay=0.9)
-    callback.param_names = [n for n, _ in model.named_parameters() if n.startswith("unet.")]
-    raw = [p.detach().clone() for p in model.unet.parameters()]
+    callback.param_names = [n for n, _ in model.named_parameters() if n.startswith("denoiser.")]
+    raw = [p.detach().clone() for p in model.denoiser.parameters()]
     with torch.no_grad():
         for shadow in callback.ema.shadow_params:
             shadow.add_(1.0)
     callback.on_validation_start(None, model)
-    assert all(torch.equal(p, r + 1.0) for p, r in zip(model.unet.parameters(), raw))
+    assert all(torch.equal(p, r + 1.0) for p, r in zip(model.denoiser.parameters(), raw))
     # A checkpoint taken mid-validation stores the raw weights, not the EMA ones.
     checkpoint = {"state_dict": model.state_dict()}
     callback.on_save_checkpoint(None, model, checkpoint)
     name = callback.param_names[0]
     assert torch.equal(checkpoint["state_dict"][name], raw[0])
     callback.on_validation_end(None, model)
-    assert all(torch.equal(p, r) for p, r in zip(model.unet.parameters(), raw))
+    assert all(torch.equal(p, r) for p, r in zip(model.denoiser.parameters(), raw))
 
 
 def test_ema_state_round_trips_through_resume(train_config, digits_vae_dir):

@@ -14,7 +14,7 @@ from conftest import FAST, compose_train
 
 # Validation every 2 steps on a tiny model; the sample grid is off (the stability samples are separate).
 TINY = [*FAST, "~callbacks.sample_grid", "data.source.limit=64", "data.batch_size=8",
-        "model.components.unet.block_out_channels=[16,32]", "trainer.val_check_interval=2",
+        "model.components.denoiser.block_out_channels=[16,32]", "trainer.val_check_interval=2",
         "trainer.check_val_every_n_epoch=null"]
 
 
@@ -30,18 +30,18 @@ class BreakWeightsAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.jump_step and self._saved is None:
             with torch.no_grad():
-                pl_module.unet.conv_out.weight.mul_(self.scale)
+                pl_module.denoiser.model.conv_out.weight.mul_(self.scale)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.global_step == self.nan_step:
-            self._saved = pl_module.unet.conv_out.weight.detach().clone()
+            self._saved = pl_module.denoiser.model.conv_out.weight.detach().clone()
             with torch.no_grad():
-                pl_module.unet.conv_out.weight.fill_(float("nan"))
+                pl_module.denoiser.model.conv_out.weight.fill_(float("nan"))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._saved is not None:
             with torch.no_grad():
-                pl_module.unet.conv_out.weight.copy_(self._saved)
+                pl_module.denoiser.model.conv_out.weight.copy_(self._saved)
 
 
 def _stability_rows(run_dir):

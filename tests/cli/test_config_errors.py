@@ -36,7 +36,7 @@ def test_missing_required_value_is_named(tmp_path):
         ("data.batch_size=0", "data.batch_size"),
         ("trainer.max_steps=-1", "trainer.max_steps"),
         ("sampling.scheduler=heun", "sampling.scheduler"),
-        ("model.cond_drop_prob=2", "model.cond_drop_prob"),
+        ("model.components.conditioner.drop_prob=2", "model.components.conditioner.drop_prob"),
         ("data.resolution=36", "data.resolution"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path"),
         ("optimizer.lr=abc", "optimizer.lr"),

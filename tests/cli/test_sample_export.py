@@ -87,7 +87,7 @@ def test_export_uses_ema_weights_by_default(trained_run, tmp_path):
     )
     checkpoint = torch.load(ckpt, weights_only=True)
     name, shadow = checkpoint["callbacks"]["ema"]["param_names"][0], checkpoint["callbacks"]["ema"]["shadow_params"][0]
-    key = name.removeprefix("unet.")
+    key = name.removeprefix("denoiser.model.")
     assert torch.equal(dict(ema.unet.named_parameters())[key].detach(), shadow)
     assert torch.equal(dict(raw.unet.named_parameters())[key].detach(), checkpoint["state_dict"][name])
     assert not torch.equal(shadow, checkpoint["state_dict"][name])
@@ -130,7 +130,7 @@ def test_sample_cli_end_to_end(trained_run, tmp_path):
 
 
 def test_generate_does_not_depend_on_batch_size(trained_run):
-    from sd_lightning.models.checkpoint_io import load_pipeline
+    from sd_lightning.models.pipelines import load_pipeline
 
     pipeline, _ = load_pipeline(Path(trained_run / "checkpoints" / "last.ckpt"))
     prompts = ["a handwritten digit two"] * 3

@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from sd_lightning.cli.config import CONFIG_DIR
 
 TINY = ["logger=csv", "trainer.enable_progress_bar=false", "~callbacks.progress", "~callbacks.sample_grid",
-        "data.source.limit=64", "data.batch_size=8", "model.components.unet.block_out_channels=[16,32]",
+        "data.source.limit=64", "data.batch_size=8", "model.components.denoiser.block_out_channels=[16,32]",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null",
         "trainer.log_every_n_steps=1"]
 
@@ -51,10 +52,17 @@ def test_optimizer_and_loss_sweeps_write_one_folder_per_job(tmp_path):
 def test_optuna_search_runs_trials_minimizing_val_mse(tmp_path):
     result = multirun(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2",
                       "hydra.sweeper.sampler.n_startup_trials=2")
-    assert len(_job_dirs(tmp_path)) == 2
-    best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
-    assert "best_params" in best and "optimizer.lr" in best and "best_value" in best
-    assert "Best value" in result.stdout + result.stderr or "best_value" in best
+    jobs = _job_dirs(tmp_path)
+    assert len(jobs) == 2
+    best = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        searched = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True).hydra.sweeper.params
+    assert "optimizer.lr" in searched and set(best.best_params) == set(searched)
+    # Each trial's value is the final val/mse its job logged; the sweeper keeps the smaller one.
+    finals = [float(pd.read_csv(job / "csv" / "metrics.csv")["val/mse"].dropna().iloc[-1]) for job in jobs]
+    assert finals[0] != finals[1]
+    assert best.best_value == pytest.approx(min(finals), rel=1e-6)
+    assert f"Best value: {best.best_value}" in result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from conftest import compose_train
 def test_wandb_offline_run_is_local_and_resume_keeps_its_id(tmp_path, offline_wandb):
     run_dir = tmp_path / "run"
     common = ["logger=wandb", "trainer.enable_progress_bar=false", "~callbacks.progress", "~callbacks.sample_grid",
-              "data.source.limit=48", "data.batch_size=8", "model.components.unet.block_out_channels=[16,32]",
+              "data.source.limit=48", "data.batch_size=8", "model.components.denoiser.block_out_channels=[16,32]",
               "trainer.log_every_n_steps=1"]
     train(compose_train(run_dir, [*common, "trainer.max_steps=3"]))
     run_id = (run_dir / "wandb" / "run_id").read_text().strip()

@@ -63,8 +63,8 @@ def test_unlabeled_samples_get_exactly_the_null_prompt_condition_dropout_uses(tr
     prompts = list(_prompts(datamodule).values())
     counts = Counter(prompts)
     assert counts[""] == sum(1 for p in prompts if not p.startswith("a handwritten digit"))
-    model = instantiate(train_config("model.cond_drop_prob=1.0", "model.components.unet.block_out_channels=[8,16]").model)
-    (null,) = set(model.drop_conditions(["a handwritten digit one"] * 4, __import__("torch").Generator()))
+    model = instantiate(train_config("model.components.conditioner.drop_prob=1.0", "model.components.denoiser.block_out_channels=[8,16]").model)
+    (null,) = set(model.conditioner.drop(["a handwritten digit one"] * 4, __import__("torch").Generator()))
     assert null == "" and null in counts
     # A source item without a caption (an unlabeled image) takes the same path.
     assert CaptionTransform()(SourceItem(id="x", caption=None)) is None

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_lightning.data.datamodule import DiffusionDataModule, DiffusionDataset, collate_examples
+from sd_lightning.data.datamodule import DiffusionDataModule
+from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 from sd_lightning.data.sources import (
     DataRootError,
     DigitsSource,

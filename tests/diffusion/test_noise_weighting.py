@@ -7,16 +7,35 @@ import torch
 import torch.nn.functional as F
 
 from sd_lightning.diffusion.noise import GaussianNoise, InputPerturbation, OffsetNoise, PyramidNoise
-from sd_lightning.diffusion.objectives import EpsilonObjective, SampleObjective, VPredictionObjective
-from sd_lightning.diffusion.schedules import build_noise_scheduler
-from sd_lightning.diffusion.timesteps import LogitNormalTimestepSampler, UniformTimestepSampler
-from sd_lightning.diffusion.weighting import DebiasedEstimationWeighting, MinSnrWeighting, P2Weighting
+from sd_lightning.diffusion.objectives import (
+    EpsilonObjective,
+    FlowMatchingObjective,
+    Objective,
+    SampleObjective,
+    VPredictionObjective,
+)
+from sd_lightning.diffusion.weighting import (
+    DebiasedEstimationWeighting,
+    MinSnrWeighting,
+    P2Weighting,
+    SD3Weighting,
+)
 
-ALPHAS = build_noise_scheduler().alphas_cumprod
+ALPHAS = EpsilonObjective().alphas_cumprod
 LATENTS = torch.zeros(512, 4, 16, 16)
 # ᾱ = 0.8, 0.5, 0.2 → SNR = ᾱ/(1 - ᾱ) = 4, 1, 1/4 exactly: weights below are worked out by hand.
 TOY_ALPHAS = torch.tensor([0.8, 0.5, 0.2])
 TOY_T = torch.tensor([0, 1, 2])
+
+
+def toy(cls: type[Objective], alphas: torch.Tensor = TOY_ALPHAS) -> Objective:
+    """An objective whose schedule is ``alphas`` (so weights can be worked out by hand)."""
+    objective = cls()
+    objective.alphas_cumprod = alphas
+    return objective
+
+
+EPS, V, X0 = toy(EpsilonObjective), toy(VPredictionObjective), toy(SampleObjective)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -90,67 +109,40 @@ def test_input_perturbation_perturbs_the_input_noise_only():
     assert torch.equal(InputPerturbation(0.0)(noise, _gen(5)), noise)
     # The noised input differs from the clean-noise one, the ε target does not.
     t = torch.full((64,), 500)
-    scheduler = build_noise_scheduler()
+    objective = EpsilonObjective()
     latents = torch.randn(noise.shape, generator=_gen(9))
-    assert not torch.allclose(scheduler.add_noise(latents, perturbed, t), scheduler.add_noise(latents, noise, t))
-    assert torch.equal(EpsilonObjective().target(latents, noise, t, ALPHAS), original)
-
-
-# ------------------------------------------------------------------------------------------- timesteps
-def test_logit_normal_timesteps():
-    sampler = LogitNormalTimestepSampler(1000, 0.0, 1.0)
-    t = sampler(20000, _gen())
-    assert t.dtype == torch.long and t.shape == (20000,)
-    assert t.min() >= 0 and t.max() <= 999 and torch.equal(t, sampler(20000, _gen()))
-    assert not torch.equal(t, sampler(20000, _gen(1)))
-    assert abs(t.float().median().item() - 500) < 15
-    # P(t < 119) = P(u < logit(0.119)) = Φ(-2.0) ≈ 0.0228 for a standard normal u.
-    assert (t < 119).float().mean().item() == pytest.approx(0.0228, abs=0.006)
-    # Middle-heavy: P(250 ≤ t < 750) = P(|u| < ln 3) = 2Φ(1.0986) - 1 ≈ 0.728 (uniform would give 0.5).
-    assert ((t >= 250) & (t < 750)).float().mean().item() == pytest.approx(0.728, abs=0.015)
-    shifted = LogitNormalTimestepSampler(1000, 1.0, 1.0)(20000, _gen())
-    assert abs(shifted.float().median().item() - 1000 * torch.sigmoid(torch.tensor(1.0)).item()) < 15  # ≈ 731
-    extreme = LogitNormalTimestepSampler(1000, 0.0, 50.0)(20000, _gen())  # sigmoid saturates at 0 and 1
-    assert extreme.min() == 0 and extreme.max() == 999
-    assert "num_train_timesteps=1000" in repr(sampler)
-    with pytest.raises(ValueError, match="std"):
-        LogitNormalTimestepSampler(std=0.0)
-
-
-def test_uniform_timesteps_keep_their_fine_tuning_range():
-    ranged = UniformTimestepSampler(1000, 100, 500)(5000, _gen())
-    assert ranged.min() >= 100 and ranged.max() < 500
-    assert torch.equal(ranged, UniformTimestepSampler(1000, 100, 500)(5000, _gen()))
+    assert not torch.allclose(objective.noisy(latents, perturbed, t), objective.noisy(latents, noise, t))
+    assert torch.equal(objective.target(latents, noise, t), original)
 
 
 # ------------------------------------------------------------------------------------------- weighting
 def test_debiased_weights_by_hand():
     debiased = DebiasedEstimationWeighting()
     # ε: 1/sqrt(SNR) = 1/2, 1, 2.
-    assert torch.allclose(debiased(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.allclose(debiased(TOY_T, EPS), torch.tensor([0.5, 1.0, 2.0]))
     # v: 1/sqrt(SNR) · SNR/(SNR + 1) = sqrt(SNR)/(SNR + 1) = 2/5, 1/2, (1/2)/(5/4) = 2/5.
-    assert torch.allclose(debiased(TOY_T, TOY_ALPHAS, VPredictionObjective()), torch.tensor([0.4, 0.5, 0.4]))
+    assert torch.allclose(debiased(TOY_T, V), torch.tensor([0.4, 0.5, 0.4]))
     # x0: sqrt(SNR) = 2, 1, 1/2.
-    assert torch.allclose(debiased(TOY_T, TOY_ALPHAS, SampleObjective()), torch.tensor([2.0, 1.0, 0.5]))
+    assert torch.allclose(debiased(TOY_T, X0), torch.tensor([2.0, 1.0, 0.5]))
     capped = DebiasedEstimationWeighting(max_weight=1.5)
-    assert torch.allclose(capped(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.tensor([0.5, 1.0, 1.5]))
-    assert torch.allclose(capped(TOY_T, TOY_ALPHAS, VPredictionObjective()), torch.tensor([0.4, 0.5, 1.5 * 0.2]))
+    assert torch.allclose(capped(TOY_T, EPS), torch.tensor([0.5, 1.0, 1.5]))
+    assert torch.allclose(capped(TOY_T, V), torch.tensor([0.4, 0.5, 1.5 * 0.2]))
     # On the real schedule.
     t = torch.tensor([20, 500, 950])
     ratio = [float(ALPHAS[i] / (1 - ALPHAS[i])) for i in t]
-    assert torch.allclose(debiased(t, ALPHAS, EpsilonObjective()), torch.tensor([1 / math.sqrt(r) for r in ratio]),
+    assert torch.allclose(debiased(t, EpsilonObjective()), torch.tensor([1 / math.sqrt(r) for r in ratio]),
                           rtol=1e-5)
-    assert torch.allclose(debiased(t, ALPHAS, VPredictionObjective()),
+    assert torch.allclose(debiased(t, VPredictionObjective()),
                           torch.tensor([math.sqrt(r) / (r + 1) for r in ratio]), rtol=1e-5)
 
 
 def test_debiased_weight_stays_finite_at_zero_terminal_snr():
-    alphas = build_noise_scheduler(rescale_betas_zero_snr=True).alphas_cumprod
+    objective = VPredictionObjective(rescale_betas_zero_snr=True)
     t = torch.tensor([0, 999])
-    eps = DebiasedEstimationWeighting(max_weight=1000.0)(t, alphas, EpsilonObjective())
-    v = DebiasedEstimationWeighting(max_weight=1000.0)(t, alphas, VPredictionObjective())
+    eps = DebiasedEstimationWeighting(max_weight=1000.0)(t, toy(EpsilonObjective, objective.alphas_cumprod))
+    v = DebiasedEstimationWeighting(max_weight=1000.0)(t, objective)
     assert eps[1].item() == 1000.0 and v[1].item() == 0.0 and torch.isfinite(v).all()
-    assert torch.isinf(DebiasedEstimationWeighting(max_weight=None)(t, alphas, EpsilonObjective())[1])
+    assert torch.isinf(DebiasedEstimationWeighting(max_weight=None)(t, toy(EpsilonObjective, objective.alphas_cumprod))[1])
     with pytest.raises(ValueError, match="max_weight"):
         DebiasedEstimationWeighting(max_weight=0.0)
 
@@ -158,20 +150,20 @@ def test_debiased_weight_stays_finite_at_zero_terminal_snr():
 def test_p2_weights_by_hand():
     p2 = P2Weighting()  # k = 1, γ = 1
     # ε: 1/(1 + SNR) = 1/5, 1/2, 4/5.
-    assert torch.allclose(p2(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.tensor([0.2, 0.5, 0.8]))
+    assert torch.allclose(p2(TOY_T, EPS), torch.tensor([0.2, 0.5, 0.8]))
     # v: SNR/(1 + SNR)² = 4/25, 1/4, (1/4)/(25/16) = 4/25.
-    assert torch.allclose(p2(TOY_T, TOY_ALPHAS, VPredictionObjective()), torch.tensor([0.16, 0.25, 0.16]))
+    assert torch.allclose(p2(TOY_T, V), torch.tensor([0.16, 0.25, 0.16]))
     # x0: SNR/(1 + SNR) = 4/5, 1/2, 1/5.
-    assert torch.allclose(p2(TOY_T, TOY_ALPHAS, SampleObjective()), torch.tensor([0.8, 0.5, 0.2]))
+    assert torch.allclose(p2(TOY_T, X0), torch.tensor([0.8, 0.5, 0.2]))
     # k = 3, γ = 0.5 on ε: (3 + SNR)^-1/2 = 1/sqrt(7), 1/2, 1/sqrt(3.25).
     expected = torch.tensor([7**-0.5, 0.5, 3.25**-0.5])
-    assert torch.allclose(P2Weighting(k=3.0, gamma=0.5)(TOY_T, TOY_ALPHAS, EpsilonObjective()), expected)
-    assert torch.equal(P2Weighting(gamma=0.0)(TOY_T, TOY_ALPHAS, EpsilonObjective()), torch.ones(3))
+    assert torch.allclose(P2Weighting(k=3.0, gamma=0.5)(TOY_T, EPS), expected)
+    assert torch.equal(P2Weighting(gamma=0.0)(TOY_T, EPS), torch.ones(3))
     # On the real schedule.
     t = torch.tensor([20, 500, 950])
     ratio = [float(ALPHAS[i] / (1 - ALPHAS[i])) for i in t]
-    assert torch.allclose(p2(t, ALPHAS, EpsilonObjective()), torch.tensor([1 / (1 + r) for r in ratio]), rtol=1e-5)
-    assert torch.allclose(p2(t, ALPHAS, VPredictionObjective()), torch.tensor([r / (1 + r) ** 2 for r in ratio]),
+    assert torch.allclose(p2(t, EpsilonObjective()), torch.tensor([1 / (1 + r) for r in ratio]), rtol=1e-5)
+    assert torch.allclose(p2(t, VPredictionObjective()), torch.tensor([r / (1 + r) ** 2 for r in ratio]),
                           rtol=1e-5)
     with pytest.raises(ValueError, match="k"):
         P2Weighting(k=0.0)
@@ -185,7 +177,7 @@ def test_every_objective_gets_the_same_effective_weight(weighting):
     latents, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
     eps_hat = noise + 0.1 * torch.randn(4, 4, 8, 8, generator=generator)
     t = torch.tensor([50, 300, 600, 900])
-    noisy = build_noise_scheduler().add_noise(latents, noise, t)
+    noisy = EpsilonObjective().noisy(latents, noise, t)
     sqrt_ab = ALPHAS[t].sqrt().view(-1, 1, 1, 1)
     sqrt_1mab = (1 - ALPHAS[t]).sqrt().view(-1, 1, 1, 1)
     v_hat = (eps_hat - sqrt_1mab * noisy) / sqrt_ab  # inverts VPredictionObjective.to_epsilon
@@ -193,9 +185,9 @@ def test_every_objective_gets_the_same_effective_weight(weighting):
     losses = []
     for objective, prediction in ((EpsilonObjective(), eps_hat), (VPredictionObjective(), v_hat),
                                   (SampleObjective(), x0_hat)):
-        target = objective.target(latents, noise, t, ALPHAS)
+        target = objective.target(latents, noise, t)
         per_sample = (prediction - target).pow(2).flatten(1).mean(dim=1)
-        losses.append(weighting(t, ALPHAS, objective) * per_sample)
+        losses.append(weighting(t, objective) * per_sample)
     assert torch.allclose(losses[1], losses[0], rtol=1e-3)
     assert torch.allclose(losses[2], losses[0], rtol=1e-3)
 
@@ -203,8 +195,8 @@ def test_every_objective_gets_the_same_effective_weight(weighting):
 # ------------------------------------------------------------------------------------ zero terminal SNR
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
 def test_zero_terminal_snr_rescale_matches_lin_et_al_algorithm_1(beta_schedule):
-    plain = build_noise_scheduler(beta_schedule=beta_schedule).alphas_cumprod.double()
-    rescaled = build_noise_scheduler(beta_schedule=beta_schedule, rescale_betas_zero_snr=True).alphas_cumprod.double()
+    plain = VPredictionObjective(beta_schedule=beta_schedule).alphas_cumprod.double()
+    rescaled = VPredictionObjective(beta_schedule=beta_schedule, rescale_betas_zero_snr=True).alphas_cumprod.double()
     assert plain[-1] > 0 and rescaled[-1].abs() < 1e-9
     # Algorithm 1: shift sqrt(ᾱ) so the last step is 0, then scale so the first step keeps its value.
     s = plain.sqrt()
@@ -212,3 +204,30 @@ def test_zero_terminal_snr_rescale_matches_lin_et_al_algorithm_1(beta_schedule):
     expected = (s - s_last) * s0 / (s0 - s_last)
     assert torch.allclose(rescaled.sqrt(), expected, rtol=1e-4, atol=1e-6)
     assert rescaled[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("weighting", [MinSnrWeighting(5.0), DebiasedEstimationWeighting(), P2Weighting(1.0, 0.5)])
+def test_flow_matching_gets_the_same_effective_weight_as_epsilon(weighting):
+    """At a fixed x_σ, ε̂ - ε = (1 - σ)(v̂ - v): the weighted flow loss equals the weighted ε loss of the same error."""
+    generator = _gen(4)
+    latents, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    flow = FlowMatchingObjective()
+    t = flow.timesteps(torch.tensor([0.1, 0.3, 0.6, 0.9]))
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    velocity_hat = noise - latents + 0.1 * torch.randn(4, 4, 8, 8, generator=generator)
+    eps_error = (1 - sigma) * (velocity_hat - (noise - latents))
+    flow_loss = weighting(t, flow) * (velocity_hat - flow.target(latents, noise, t)).pow(2).flatten(1).mean(1)
+    eps_loss = weighting.epsilon_weight(flow.snr(t)) * eps_error.pow(2).flatten(1).mean(1)
+    assert torch.allclose(flow_loss, eps_loss, rtol=1e-4)
+
+
+def test_sd3_weightings_use_sigma_and_refuse_ddpm_objectives():
+    flow = FlowMatchingObjective()
+    t = torch.tensor([100.0, 500.0, 900.0])
+    sigma = t / 1000
+    assert torch.allclose(SD3Weighting("sigma_sqrt")(t, flow), sigma**-2.0)
+    assert torch.allclose(SD3Weighting("cosmap")(t, flow), 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)))
+    with pytest.raises(ValueError, match="objective=flow_matching"):
+        SD3Weighting("cosmap")(torch.tensor([10]), EpsilonObjective())
+    with pytest.raises(ValueError, match="scheme"):
+        SD3Weighting("snr")

@@ -15,7 +15,7 @@ from sd_lightning.cli.compare import main
 from sd_lightning.evaluation.compare import compare_runs, find_run_dirs
 
 TINY = ["logger=csv", "trainer.enable_progress_bar=false", "~callbacks.progress", "data.source.limit=64",
-        "data.batch_size=8", "model.components.unet.block_out_channels=[16,32]", "trainer.max_steps=4",
+        "data.batch_size=8", "model.components.denoiser.block_out_channels=[16,32]", "trainer.max_steps=4",
         "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null", "trainer.log_every_n_steps=1",
         "sampling.steps=2", "callbacks.sample_grid.num_per_prompt=1", "callbacks.stability.num_samples=2",
         "callbacks.stability.steps=2"]

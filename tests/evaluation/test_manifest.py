@@ -12,7 +12,7 @@ from sd_lightning.evaluation.manifest import build_manifest, data_hash, git_stat
 from conftest import FAST, compose_train
 
 TINY = [*FAST, "~callbacks.sample_grid", "data.source.limit=64", "data.batch_size=8",
-        "model.components.unet.block_out_channels=[16,32]", "trainer.max_steps=2"]
+        "model.components.denoiser.block_out_channels=[16,32]", "trainer.max_steps=2"]
 
 
 def _data_hash(tmp_path, *overrides):

@@ -21,13 +21,13 @@ def _batch(datamodule, size=8):
     return next(iter(loader))
 
 
-def test_one_training_step_changes_unet_weights_only(train_config):
+def test_one_training_step_changes_denoiser_weights_only(train_config):
     cfg = train_config(*FAST, "data.source.limit=64", "data.batch_size=8")
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     batch = _batch(datamodule)
     optimizer = model.optimizer_factory(params=model.trainable_parameters())
-    before_unet = [p.detach().clone() for p in model.unet.parameters()]
+    before_denoiser = [p.detach().clone() for p in model.denoiser.parameters()]
     before_vae = [p.detach().clone() for p in model.vae.parameters()]
     before_text = [p.detach().clone() for p in model.text_encoder.parameters()]
     model.train()
@@ -35,38 +35,43 @@ def test_one_training_step_changes_unet_weights_only(train_config):
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     optimizer.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before_unet, model.unet.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before_denoiser, model.denoiser.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before_vae, model.vae.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before_text, model.text_encoder.parameters()))
     assert not model.vae.training and not model.text_encoder.training
-    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.unet.parameters()}
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.denoiser.parameters()}
 
 
-def test_noise_scheduler_follows_the_objective(train_config):
+def test_the_sampling_scheduler_follows_the_objective(train_config):
     for name, expected in (("epsilon", "epsilon"), ("v_prediction", "v_prediction"), ("sample", "sample")):
-        model = instantiate(train_config(f"objective={name}", "model.components.unet.block_out_channels=[8,16]").model)
-        assert model.noise_scheduler.config.prediction_type == expected
+        model = instantiate(train_config(f"objective={name}", "model.components.denoiser.block_out_channels=[8,16]").model)
+        assert model.objective.prediction_type == expected
         assert model.build_pipeline().scheduler.config.prediction_type == expected
+    flow = instantiate(train_config("objective=flow_matching", "model.components.denoiser.block_out_channels=[8,16]").model)
+    assert type(flow.build_pipeline().scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(flow.timestep_distribution).__name__ == "LogitNormalTimesteps"  # brought by the objective's YAML
 
 
 def test_condition_dropout_uses_the_empty_prompt(train_config):
-    model = instantiate(train_config("model.cond_drop_prob=0.5").model)
+    model = instantiate(train_config("model.components.conditioner.drop_prob=0.5").model)
     prompts = ["a"] * 1000
-    dropped = model.drop_conditions(prompts, torch.Generator().manual_seed(0))
+    dropped = model.conditioner.drop(prompts, torch.Generator().manual_seed(0))
     share = dropped.count("") / len(prompts)
     assert 0.45 < share < 0.55 and set(dropped) == {"", "a"}
-    model.cond_drop_prob = 0.0
-    assert model.drop_conditions(prompts, torch.Generator().manual_seed(0)) == prompts
+    model.conditioner.drop_prob = 0.0
+    assert model.conditioner.drop(prompts, torch.Generator().manual_seed(0)) == prompts
 
 
 def test_prompt_embeddings_match_the_text_encoder(train_config):
     model = instantiate(train_config().model)
     prompts = ["a handwritten digit one", "", "a handwritten digit one"]
-    cached = model.encode_prompts(prompts)
+    cached = model.conditioner(prompts)
     with torch.no_grad():
-        direct = model.text_encoder(model.tokenize(prompts))[0]
-    assert torch.equal(cached, direct)
-    assert cached.shape == (3, model.tokenizer.model_max_length, model.text_encoder.config.hidden_size)
+        direct = model.text_encoder(model.conditioner.tokenize(prompts))
+    assert torch.equal(cached["encoder_hidden_states"], direct[0])
+    assert torch.equal(cached["pooled_prompt_embeds"], direct[1])  # the pooled (EOS) embedding is kept
+    assert cached["encoder_hidden_states"].shape == (3, model.tokenizer.model_max_length,
+                                                     model.text_encoder.config.hidden_size)
 
 
 def _val_metrics(run_dir: Path) -> pd.DataFrame:
@@ -125,14 +130,14 @@ def test_validation_r2_of_a_perfect_and_of_a_mean_predictor(train_config, predic
     cfg = train_config(*FAST, "objective=epsilon", "model.components.vae_path=null", "data.source.limit=60",
                        "~callbacks.sample_grid")
     model = instantiate(cfg.model)
-    add_noise = model.noise_scheduler.add_noise
+    noisy = model.objective.noisy
     seen: dict[str, torch.Tensor] = {}
 
-    def recording_add_noise(latents, noise, timesteps):
+    def recording_noisy(latents, noise, timesteps):
         seen["noise"] = noise
-        return add_noise(latents, noise, timesteps)
+        return noisy(latents, noise, timesteps)
 
-    model.noise_scheduler.add_noise = recording_add_noise
+    model.objective.noisy = recording_noisy
     model.forward = lambda noisy, t, states: seen["noise"].clone() if predictor == "perfect" else torch.zeros_like(noisy)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.validate(model, datamodule=instantiate(cfg.data), verbose=False)
@@ -141,3 +146,19 @@ def test_validation_r2_of_a_perfect_and_of_a_mean_predictor(train_config, predic
     else:
         assert metrics["val/mse"] == pytest.approx(1.0, abs=0.05)
         assert metrics["val/r2"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_checkpoints_of_the_old_engine_are_refused_with_a_message(trained_run, tmp_path):
+    from sd_lightning.models.checkpoint_io import CheckpointError
+    from sd_lightning.models.pipelines import load_pipeline
+
+    checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    record = checkpoint["sd_lightning"]
+    assert record["format"] == 2 and record["denoiser"]["kind"] == "unet"
+    assert record["objective"] == {"name": "v_prediction", "config": {
+        "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.00085, "beta_end": 0.012,
+        "rescale_betas_zero_snr": False}}
+    checkpoint["sd_lightning"] = {"format": 1, "unet_config": record["denoiser"]["config"]}  # the old record's shape
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match="older sd_lightning .*format 1.*retrain"):
+        load_pipeline(tmp_path / "old.ckpt")

@@ -75,15 +75,16 @@ def test_finetune_sd_composes_from_the_folder(sd_folder, train_config):
     assert cfg.optimizer._target_ == "torch.optim.AdamW"  # no CUDA here: 8-bit AdamW is not available
     assert cfg.optimizer.lr == pytest.approx(1e-5)
     assert cfg.data.resolution == 32  # the tiny folder's UNet sample size (8) times the VAE factor (4)
-    assert cfg.objective._target_.endswith("EpsilonObjective")  # the folder's scheduler predicts epsilon
-    assert cfg.model.gradient_checkpointing is True
+    assert cfg.objective._target_.endswith("from_pretrained")  # objective=auto: read when the model is built
+    assert type(instantiate(cfg.objective)).__name__ == "EpsilonObjective"  # the folder's scheduler: epsilon
+    assert cfg.model.components.gradient_checkpointing is True
     user = train_config("experiment=finetune_sd", f"model.path={sd_folder[0]}", "data.root=/photos", run="user")
     assert user.data.source._target_.endswith("ImageFolderSource")  # a real fine-tune reads the user's folder
 
 
 def test_bad_lora_settings_name_the_key(sd_folder, train_config):
-    cfg = _experiment(train_config, sd_folder, "lora_sd", "model.lora.rank=0", "model.lora.dropout=1.5")
-    with pytest.raises(ConfigError, match=r"model.lora.rank=0 must be >= 1(.|\n)*model.lora.dropout=1.5"):
+    cfg = _experiment(train_config, sd_folder, "lora_sd", "model.components.lora.rank=0", "model.components.lora.dropout=1.5")
+    with pytest.raises(ConfigError, match=r"model.components.lora.rank=0 must be an integer >= 1(.|\n)*model.components.lora.dropout=1.5"):
         validate_train_config(cfg)
 
 
@@ -95,8 +96,8 @@ def test_finetune_sd_trains_the_whole_unet(sd_folder, train_config):
     train(cfg)
     ckpt = torch.load(cfg.paths.run_dir + "/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
-    base = original.unet.state_dict()
-    changed = [k for k, v in ckpt["state_dict"].items() if k.startswith("unet.") and not torch.equal(v, base[k[5:]])]
+    base = original.denoiser.state_dict()
+    changed = [k for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.") and not torch.equal(v, base[k[9:]])]
     assert len(changed) > 0.9 * len(base)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     with open(cfg.paths.run_dir + "/csv/metrics.csv") as file:
@@ -106,7 +107,7 @@ def test_finetune_sd_trains_the_whole_unet(sd_folder, train_config):
 
 def test_lora_trains_only_adapters_and_loss_falls(sd_folder, train_config):
     """50 steps on one fixed batch (fixed noise and timesteps): the loss falls, the base is untouched."""
-    cfg = _experiment(train_config, sd_folder, "lora_sd", "optimizer.lr=1e-2", "model.gradient_checkpointing=false")
+    cfg = _experiment(train_config, sd_folder, "lora_sd", "optimizer.lr=1e-2", "model.components.gradient_checkpointing=false")
     model = instantiate(cfg.model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -137,26 +138,26 @@ def test_lora_trains_only_adapters_and_loss_falls(sd_folder, train_config):
 
 
 def test_lora_text_encoder_adapters_export_and_bad_target(sd_folder, train_config, tmp_path):
-    cfg = _experiment(train_config, sd_folder, "lora_sd", "model.lora.text_encoder=true")
+    cfg = _experiment(train_config, sd_folder, "lora_sd", "model.components.lora.text_encoder=true")
     model = instantiate(cfg.model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.startswith("text_encoder.") for n in names) and all(".lora_" in n for n in names)
-    assert model.train_text_encoder  # trained adapters: no memoized prompt states
+    assert any(n.startswith("conditioner.text_encoder.") for n in names) and all(".lora_" in n for n in names)
+    assert model.conditioner.trains  # trained adapters: no memoized prompt states
     with torch.no_grad():  # stand-in for training: B starts at zero, which would make the check vacuous
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
     model.eval()
-    ids = model.tokenize(PROMPTS)
-    save_lora(tmp_path / "lora", model.unet, model.text_encoder)
+    ids = model.conditioner.tokenize(PROMPTS)
+    save_lora(tmp_path / "lora", model.denoiser.model, model.text_encoder)
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder[0], **PLAIN)
     with torch.no_grad():
         base = pipe.text_encoder(ids)[0]
         pipe.load_lora_weights(tmp_path / "lora")
         assert torch.allclose(pipe.text_encoder(ids)[0], model.text_encoder(ids)[0], atol=1e-5)
         assert (pipe.text_encoder(ids)[0] - base).abs().max() > 1e-2
-    bad = _experiment(train_config, sd_folder, "lora_sd", "model.lora.unet_target_modules=[to_qq]")
-    with pytest.raises(Exception, match=r"model.lora.unet_target_modules: no layer named \['to_qq'\]"):
+    bad = _experiment(train_config, sd_folder, "lora_sd", "model.components.lora.unet_target_modules=[to_qq]")
+    with pytest.raises(Exception, match=r"model.components.lora.unet_target_modules: no layer named \['to_qq'\]"):
         instantiate(bad.model)
 
 
@@ -166,7 +167,7 @@ def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
     steps = ["optimizer.lr=3e-2", "lr_scheduler.num_warmup_steps=0", "trainer.deterministic=true",
              "callbacks.ema.decay=0.5", "trainer.max_steps=8",
              "callbacks.checkpoint.every_n_train_steps=4"]
-    full = _experiment(train_config, sd_folder, "lora_sd", *steps, "model.lora.save_base_weights=true", run="full")
+    full = _experiment(train_config, sd_folder, "lora_sd", *steps, "model.components.lora.save_base_weights=true", run="full")
     train(full)
     part = _experiment(train_config, sd_folder, "lora_sd", *steps, "+callbacks.crash._target_=test_lora.CrashAtStep",
                        "+callbacks.crash.step=6", run="part")
@@ -178,10 +179,10 @@ def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
     ckpt_full = torch.load(full.paths.run_dir + "/checkpoints/last.ckpt", weights_only=True)
     ckpt = torch.load(part.paths.run_dir + "/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == ckpt_full["global_step"] == 8
-    base = original.unet.state_dict()
+    base = original.denoiser.state_dict()
     for key, value in ckpt_full["state_dict"].items():  # the self-contained checkpoint: base weights untouched
-        if key.startswith("unet.") and ".lora_" not in key:
-            assert torch.equal(value, base[key[5:].replace(".base_layer", "")]), f"base weight {key} changed"
+        if key.startswith("denoiser.") and ".lora_" not in key:
+            assert torch.equal(value, base[key[9:].replace(".base_layer", "")]), f"base weight {key} changed"
     assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # adapters-only checkpoint
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(value, ckpt_full["state_dict"][key]), f"resumed {key} differs from the uninterrupted run"
@@ -199,7 +200,7 @@ def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
     from_checkpoint = np.stack([np.asarray(Image.open(samples / f"{i:05d}.png")) for i in range(4)]).astype(int)
 
     def images(pipeline):
-        pipeline.scheduler = sampling_scheduler(sampling["scheduler"], pipeline.scheduler.config)
+        pipeline.scheduler = sampling_scheduler(sampling["scheduler"], pipeline.scheduler.config)  # the export's
         pipeline.set_progress_bar_config(disable=True)
         prompts = [p for p in PROMPTS for _ in range(2)]
         result = generate(pipeline, prompts, seed=0, steps=4, guidance_scale=sampling["guidance_scale"])

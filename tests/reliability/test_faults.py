@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from sd_lightning.callbacks.nonfinite import NonFiniteTrainingError
-from sd_lightning.cli.config import user_error
+from sd_lightning.cli.config import run_entry, user_error
 from sd_lightning.cli.train import train
 from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
 
@@ -26,7 +26,7 @@ TINY = [
     "trainer.check_val_every_n_epoch=1",
     "data.source.limit=64",
     "data.batch_size=8",
-    "model.components.unet.block_out_channels=[16,32]",
+    "model.components.denoiser.block_out_channels=[16,32]",
 ]
 
 
@@ -123,30 +123,63 @@ def test_resuming_from_a_malicious_checkpoint_does_not_execute_it(tmp_path):
 
 
 def test_checkpoint_from_another_model_config_lists_the_differences(tmp_path, finished_run):
-    cfg = compose_train(tmp_path / "r", [*TINY, "model.components.unet.block_out_channels=[16,48]",
+    cfg = compose_train(tmp_path / "r", [*TINY, "model.components.denoiser.block_out_channels=[16,48]",
                                          f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}"])
-    with pytest.raises(CheckpointError, match=r"different model config .*differing weights.*\n  - .*unet\."):
+    with pytest.raises(CheckpointError, match=r"different model config .*differing weights.*\n  - .*denoiser\."):
         train(cfg)
 
 
-def test_out_of_memory_gets_an_actionable_message(tmp_path, monkeypatch):
-    cfg = compose_train(tmp_path / "r", [*TINY, "trainer.max_steps=3"])
-    model = instantiate(cfg.model)
+def half_written_files(folder: Path) -> list[str]:
+    """Files under ``folder`` that a crash could have left half-written: temporary or partial names, and
+    checkpoints that ``torch.load(weights_only=True)`` cannot read completely."""
+    problems = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.name
+        if ".tmp" in name or name.endswith((".partial", ".part")) or name.startswith("."):
+            problems.append(f"{path.relative_to(folder)}: temporary file")
+        elif name.endswith(".ckpt"):
+            try:
+                torch.load(path, weights_only=True)
+            except Exception as err:
+                problems.append(f"{path.relative_to(folder)}: unreadable ({type(err).__name__})")
+    return problems
 
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(type(model), "diffusion_loss", oom)
-    monkeypatch.setattr("hydra.utils.instantiate", instantiate)
-    with pytest.raises(torch.OutOfMemoryError) as caught:
-        from lightning import Trainer
+def test_out_of_memory_in_a_training_step_exits_with_an_actionable_message_and_saves_nothing(
+        tmp_path, monkeypatch, capsys):
+    """README: "Out of memory: a message listing what reduces memory …; nothing half-written is saved"."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    run_dir = tmp_path / "run"
+    # last.ckpt is written after steps 2 and 4; the loss of step 5 (0-based global_step) runs out of memory.
+    cfg = compose_train(run_dir, [*TINY, "trainer.max_steps=8", "trainer.log_every_n_steps=1",
+                                  "callbacks.checkpoint.every_n_train_steps=2",
+                                  "loss._target_=faults.OutOfMemoryLoss", "+loss.at_call=5"])
+    with pytest.raises(SystemExit) as exited:
+        run_entry("sdl-train", train, cfg)
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    (message,) = [line for line in stderr.splitlines() if line.startswith("sdl-train:")]  # one line
+    assert message.startswith("sdl-train: out of memory") and "Tried to allocate 2.00 GiB (injected" in message
+    for advice in ("data.batch_size=", "trainer.accumulate_grad_batches=", "gradient_checkpointing=true",
+                   "Nothing was saved from this step"):
+        assert advice in message, advice
+    assert "Traceback" not in stderr
 
-        Trainer(logger=False, enable_progress_bar=False, max_steps=1, enable_checkpointing=False).fit(
-            model, datamodule=instantiate(cfg.data)
-        )
-    message = str(user_error(caught.value))
-    assert "data.batch_size" in message and "accumulate_grad_batches" in message
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert half_written_files(run_dir) == []
+    # The resume point is the last checkpoint before the failing step, not a state from inside it.
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    logged = pd.read_csv(run_dir / "csv" / "metrics.csv").dropna(subset=["train/loss"])
+    assert sorted(logged["step"]) == [0, 1, 2, 3, 4]  # the five steps before the failing one did train
+
+    # Negative control: the same check flags a truncated checkpoint and a leftover temporary file.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "last.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes()[:4096])
+    (broken / "last.ckpt.tmp").write_bytes(b"")
+    assert half_written_files(broken) == ["last.ckpt: unreadable (RuntimeError)", "last.ckpt.tmp: temporary file"]
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path):

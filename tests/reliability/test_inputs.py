@@ -14,7 +14,7 @@ from sd_lightning.cli.config import CONFIG_DIR, ConfigError, validate_train_conf
 
 KEYS = [
     "data.batch_size", "data.val_fraction", "data.resolution", "data.num_workers", "trainer.max_steps",
-    "trainer.accumulate_grad_batches", "model.cond_drop_prob", "optimizer.lr", "sampling.steps",
+    "trainer.accumulate_grad_batches", "model.components.conditioner.drop_prob", "optimizer.lr", "sampling.steps",
     "sampling.scheduler", "sampling.guidance_scale", "seed", "resume", "trainer.max_stepz", "data.sizee",
 ]
 VALUES = st.one_of(
@@ -46,10 +46,10 @@ def test_fuzzed_overrides_either_validate_or_fail_naming_the_key(tmp_path_factor
                                     " ".join(["very"] * 200) + " long"])
 def test_any_prompt_encodes(prompt, caplog):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["paths.run_dir=/tmp/unused", "model.components.unet.block_out_channels=[16,32]"])
+        cfg = compose("train", overrides=["paths.run_dir=/tmp/unused", "model.components.denoiser.block_out_channels=[16,32]"])
     model = instantiate(cfg.model)
     with caplog.at_level(logging.WARNING):
-        states = model.encode_prompts([prompt])
+        states = model.conditioner([prompt])["encoder_hidden_states"]
     assert states.shape == (1, 77, 32) and states.isfinite().all()
     if len(prompt) > 500:
         assert "truncated" in caplog.text

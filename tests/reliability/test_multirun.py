@@ -12,7 +12,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 TINY = ["logger=csv", "trainer.enable_progress_bar=false", "~callbacks.progress", "~callbacks.sample_grid",
         "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1",
-        "data.source.limit=64", "data.batch_size=8", "model.components.unet.block_out_channels=[16,32]",
+        "data.source.limit=64", "data.batch_size=8", "model.components.denoiser.block_out_channels=[16,32]",
         "callbacks.checkpoint.every_n_train_steps=3", "trainer.max_steps=12"]
 
 

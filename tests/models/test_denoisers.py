@@ -1,0 +1,94 @@
+"""Denoiser backbones behind one call, the generic sampler, and a tiny MMDiT trained with flow matching."""
+
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from sd_lightning.cli.train import train
+from sd_lightning.diffusion.objectives import FlowMatchingObjective, VPredictionObjective
+from sd_lightning.diffusion.sampling import generate
+from sd_lightning.models.builders import build_components
+from sd_lightning.models.denoisers import (
+    SD3TransformerDenoiser,
+    UNetDenoiser,
+    build_sd3_transformer,
+    build_unet,
+)
+from sd_lightning.models.pipelines import LatentSampler, build_pipeline, diffusers_pipeline
+
+from conftest import FAST
+
+PROMPTS = ["a handwritten digit one", "a handwritten digit seven"]
+
+
+def _components(denoiser):
+    torch.manual_seed(0)
+    return build_components(denoiser=denoiser, vae={"block_out_channels": [8, 16, 32]})
+
+
+def test_both_backbones_take_one_call():
+    for builder, kind in ((partial(build_unet, block_out_channels=[16, 32]), UNetDenoiser),
+                          (build_sd3_transformer, SD3TransformerDenoiser)):
+        parts = _components(builder)
+        assert isinstance(parts.denoiser, kind)
+        conditioning = parts.conditioner(PROMPTS)
+        latents = torch.randn(2, 4, 8, 8)
+        out = parts.denoiser(latents, torch.tensor([10.0, 900.0]), conditioning)
+        assert out.shape == latents.shape and torch.isfinite(out).all()
+    unet = parts = _components(partial(build_unet, block_out_channels=[16, 32]))
+    conditioning = parts.conditioner(PROMPTS)
+    direct = unet.denoiser.model(latents, torch.tensor([10, 900]), conditioning["encoder_hidden_states"]).sample
+    assert torch.equal(unet.denoiser(latents, torch.tensor([10, 900]), conditioning), direct)
+
+
+def test_latent_sampler_reproduces_the_diffusers_pipeline():
+    """The generic CFG loop, on a model StableDiffusionPipeline also runs, gives the pipeline's images."""
+    parts = _components(partial(build_unet, block_out_channels=[16, 32]))
+    scheduler = VPredictionObjective().sampling_scheduler("ddim")
+    pipeline = diffusers_pipeline(parts, scheduler)
+    ours = generate(LatentSampler(parts, VPredictionObjective().sampling_scheduler("ddim")), PROMPTS * 2, seed=3,
+                    steps=5, guidance_scale=2.0, output_type="np")
+    theirs = generate(pipeline, PROMPTS * 2, seed=3, steps=5, guidance_scale=2.0, output_type="np")
+    assert np.abs(np.asarray(ours) - np.asarray(theirs)).max() < 1e-4
+    other_seed = generate(pipeline, PROMPTS * 2, seed=4, steps=5, guidance_scale=2.0, output_type="np")
+    assert np.abs(np.asarray(ours) - np.asarray(other_seed)).max() > 1e-2  # the comparison can fail
+
+
+def test_a_flow_matching_unet_samples_with_the_flow_scheduler():
+    parts = _components(partial(build_unet, block_out_channels=[16, 32]))
+    pipeline = build_pipeline(parts, FlowMatchingObjective(), "flow_euler")
+    assert isinstance(pipeline, LatentSampler)
+    assert type(pipeline.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    images = generate(pipeline, PROMPTS, steps=3, output_type="np")
+    assert np.asarray(images).shape == (2, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_a_tiny_transformer_trains_20_steps_with_flow_matching_and_samples(tmp_path, digits_vae_dir):
+    from sd_lightning.cli.sample import sample
+    from sd_lightning.models.pipelines import load_pipeline
+
+    from conftest import compose_train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train(run_dir, [*FAST, "model=transformer_tiny", "objective=flow_matching",
+                                  f"model.components.vae_path={digits_vae_dir}", "trainer.max_steps=20",
+                                  "lr_scheduler.num_warmup_steps=0", "data.batch_size=32", "data.source.limit=400",
+                                  "~callbacks.stability"])
+    assert type(instantiate(cfg.model).denoiser).__name__ == "SD3TransformerDenoiser"
+    train(cfg)
+    losses = pd.read_csv(run_dir / "csv" / "metrics.csv")["train/loss"].dropna().to_numpy()
+    assert len(losses) == 20 and np.isfinite(losses).all()
+    assert losses[-5:].mean() < 0.8 * losses[:5].mean(), losses  # the flow-matching loss falls
+    pipeline, sampling = load_pipeline(run_dir / "checkpoints" / "last.ckpt")
+    assert isinstance(pipeline, LatentSampler) and sampling["scheduler"] == "flow_euler"
+    from omegaconf import OmegaConf
+
+    paths = sample(OmegaConf.create({"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt"), "out_dir": str(
+        tmp_path / "s"), "prompt": PROMPTS, "num_images": 2, "seed": 0, "scheduler": None, "steps": 4,
+        "guidance_scale": None, "batch_size": 16, "use_ema": True, "trusted_objectives": []}))
+    assert len(paths) == 4 and (tmp_path / "s" / "grid.png").is_file()
