@@ -9,10 +9,33 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
+
+
+PREVIOUS_LAST = "last.prev.ckpt"
+
+
+class KeepPreviousCheckpointIO(TorchCheckpointIO):
+    """Before ``last.ckpt`` is overwritten, the previous one is renamed ``last.prev.ckpt``: a disk fault that
+    damages the newest resume point (found by ``resume=auto``) still leaves an intact one, one save older."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        if path.name != "last.ckpt" or not path.is_file():
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        pending = path.with_name(f".{path.name}.writing")  # the new one, complete before anything is renamed
+        try:
+            super().save_checkpoint(checkpoint, pending, storage_options)
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        os.replace(path, path.with_name(PREVIOUS_LAST))
+        os.replace(pending, path)
 
 
 def last_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sd_lightning.data.transforms import UNLABELED_POLICIES
+from sd_lightning.data.checks import check_value, data_problems
 from sd_lightning.diffusion.objectives import FLOW_SCHEDULERS
 from sd_lightning.diffusion.schedules import SAMPLING_SCHEDULERS
 
@@ -49,18 +49,7 @@ def missing_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
 
 def _check_number(problems: list[str], cfg: DictConfig, key: str, kind: type, low: float | None = None,
                   high: float | None = None, low_open: bool = False, optional: bool = False) -> None:
-    value = _get(cfg, key)
-    if value is None:
-        if not optional:
-            problems.append(f"{key} is required")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        problems.append(f"{key}={value!r} must be {'a number' if kind is float else 'an integer'}")
-        return
-    if low is not None and (value <= low if low_open else value < low):
-        problems.append(f"{key}={value} must be {'>' if low_open else '>='} {low}")
-    if high is not None and value > high:
-        problems.append(f"{key}={value} must be <= {high}")
+    check_value(problems, key, _get(cfg, key), kind, low, high, low_open, optional)
 
 
 def check_sampling(problems: list[str], cfg: DictConfig, prefix: str = "sampling.", optional: bool = False) -> None:
@@ -73,24 +62,11 @@ def check_sampling(problems: list[str], cfg: DictConfig, prefix: str = "sampling
     _check_number(problems, cfg, f"{prefix}guidance_scale", float, 0.0, 100.0, optional=optional)
 
 
-def check_conditioning(problems: list[str], cfg: DictConfig) -> None:
-    """data.conditioning / labeled_fraction / unlabeled / train_fraction / keep_tokens, when the data config has them."""
-    conditioning = _get(cfg, "data.conditioning")
-    if conditioning is not None and conditioning not in ("text", "class", "none"):
-        problems.append(f"data.conditioning={conditioning!r} must be 'text', 'class' or 'none'")
-    _check_number(problems, cfg, "data.labeled_fraction", float, 0.0, 1.0, optional=True)
-    _check_number(problems, cfg, "data.train_fraction", float, 0.0, 1.0, low_open=True, optional=True)
-    _check_number(problems, cfg, "data.labeled_oversample", int, 1, optional=True)
-    unlabeled = _get(cfg, "data.unlabeled")
-    if unlabeled is not None and unlabeled not in UNLABELED_POLICIES:
-        problems.append(f"data.unlabeled={unlabeled!r} must be " + " or ".join(repr(p) for p in UNLABELED_POLICIES))
-    _check_number(problems, cfg, "data.keep_tokens", int, 0, optional=True)
-    template = _get(cfg, "data.caption_template")
-    if template is not None and "{class_name}" not in str(template):
-        problems.append(f"data.caption_template={template!r} must contain '{{class_name}}'")
-    buckets = _get(cfg, "data.buckets")
-    if buckets is not None and not isinstance(buckets, DictConfig):
-        problems.append(f"data.buckets={buckets!r} must be null or a mapping such as {{multiple: 8, max_aspect: 2.0}}")
+def check_data(problems: list[str], cfg: DictConfig) -> None:
+    """The data module's own rules (``data/checks.py``) on the composed data config."""
+    data = _get(cfg, "data")
+    if isinstance(data, DictConfig):
+        problems.extend(data_problems(OmegaConf.to_container(data, resolve=True)))
 
 
 # Small pieces whose constructors check their own arguments: built once here, before any heavy work, so each
@@ -124,10 +100,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check_number(problems, cfg, "seed", int, 0)
     _check_number(problems, cfg, "trainer.max_steps", int, 1)
     _check_number(problems, cfg, "trainer.accumulate_grad_batches", int, 1)
-    _check_number(problems, cfg, "data.batch_size", int, 1)
-    _check_number(problems, cfg, "data.num_workers", int, 0)
-    _check_number(problems, cfg, "data.resolution", int, 8)
-    _check_number(problems, cfg, "data.val_fraction", float, 0.0, 0.99)
     _check_number(problems, cfg, "optimizer.lr", float, 0.0, low_open=True, optional=True)
     _check_number(problems, cfg, "model.components.conditioner.drop_prob", float, 0.0, 1.0, optional=True)
     check_sampling(problems, cfg)
@@ -141,7 +113,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         multiple = (_get(cfg, "data.buckets.multiple") or 8) if isinstance(_get(cfg, "data.buckets"), DictConfig) else None
         if isinstance(multiple, int) and multiple % factor:
             problems.append(f"data.buckets.multiple={multiple} must be a multiple of {factor} for this VAE and denoiser")
-    check_conditioning(problems, cfg)
+    check_data(problems, cfg)
     if _get(cfg, "resume") not in ("never", "auto"):
         problems.append(f"resume={_get(cfg, 'resume')!r} must be 'never' or 'auto'")
     ckpt = _get(cfg, "ckpt_path")
@@ -151,46 +123,13 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def auto_precision() -> str:
-    """``${sdl.auto_precision:}``: bf16 autocast on GPUs with bf16 units, else fp32 (CPU autocast is 50-200x slower)."""
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-
-
-def memory_efficient_adamw() -> str:
-    """``${sdl.memory_efficient_adamw:}``: bitsandbytes' 8-bit AdamW with CUDA, else torch's AdamW (logged)."""
-    import importlib.util
-    import logging
-
-    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
-        return "sd_lightning.optim.optimizers.build_adamw_8bit"
-    reason = "no CUDA device" if not torch.cuda.is_available() else "bitsandbytes is not installed"
-    logging.getLogger("sd_lightning").info("optimizer: 8-bit AdamW unavailable (%s), using torch.optim.AdamW", reason)
-    return "torch.optim.AdamW"
-
-
-def _pretrained_config(path: str, sub: str, name: str = "config.json") -> dict[str, Any]:
-    import json
-
-    from sd_lightning.models.builders import MissingModelError
-
-    file = Path(str(path)).expanduser() / sub / name
-    if not file.is_file():
-        raise MissingModelError(f"model.path={path} is not a Stable Diffusion diffusers folder: no {sub}/{name}")
-    return json.loads(file.read_text())
-
-
-def pretrained_resolution(path: str) -> int:
-    """``${sdl.pretrained_resolution:${model.path}}``: the image size the folder's UNet was trained at (512 for SD 1.x)."""
-    unet, vae = _pretrained_config(path, "unet"), _pretrained_config(path, "vae")
-    sample_size = unet["sample_size"]
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = sample_size[0]
-    return int(sample_size) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-for _name, _resolver in (("sdl.auto_precision", auto_precision), ("sdl.memory_efficient_adamw", memory_efficient_adamw),
-                         ("sdl.pretrained_resolution", pretrained_resolution)):
-    OmegaConf.register_new_resolver(_name, _resolver, replace=True)
+def _is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another process died (gloo: connection closed) or timed out."""
+    distributed = getattr(torch.distributed, "DistBackendError", ())
+    text = str(err)
+    return (distributed and isinstance(err, distributed)) or (isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                                      "timed out after", "ProcessGroupGloo")))
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -210,6 +149,12 @@ def user_error(err: BaseException) -> BaseException | None:
                 "disk full while writing (checkpoint writes are atomic: the previous checkpoint is intact). Free "
                 "space, point paths.output_root at a larger disk, or keep fewer files with "
                 f"callbacks.best_checkpoint.save_top_k=1. ({seen})",
+            )
+        if _is_peer_failure(seen):
+            return RuntimeError(
+                f"a data-parallel process stopped or stopped answering ({str(seen).splitlines()[0][:200]}), so this "
+                "one exited instead of waiting (trainer.strategy.timeout_seconds bounds the wait). Resume the run with "
+                "resume=auto and the same hydra.run.dir: it continues from the run folder's last.ckpt."
             )
         if isinstance(seen, torch.OutOfMemoryError):
             return MemoryError(

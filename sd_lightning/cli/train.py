@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sd_lightning.callbacks.checkpointing import PREVIOUS_LAST
 from sd_lightning.callbacks.data_epoch import RunConfigCallback
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
 from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
@@ -57,10 +58,24 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     if cfg.ckpt_path is not None:
         return str(cfg.ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume == "auto" and last.is_file():
-        log.info("resume=auto: continuing from %s", last)
-        return str(last)
-    return None
+    if cfg.resume != "auto" or not last.is_file():
+        return None
+    previous = last.with_name(PREVIOUS_LAST)
+    try:
+        load_checkpoint(last)
+    except CheckpointError as err:
+        if not previous.is_file():
+            raise CheckpointError(f"resume=auto: {last} is unreadable and no earlier checkpoint ({previous.name}) "
+                                  f"is there to fall back to. {err}") from err
+        try:
+            load_checkpoint(previous)
+        except CheckpointError as older:
+            raise CheckpointError(f"resume=auto: both {last} and {previous} are unreadable ({older})") from err
+        log.warning("resume=auto: %s is unreadable (%s); resuming from the previous one, %s", last,
+                    str(err).splitlines()[0][:200], previous)
+        return str(previous)
+    log.info("resume=auto: continuing from %s", last)
+    return str(last)
 
 
 def check_resume_checkpoint(path: str, model: L.LightningModule, run_dir: Path) -> None:

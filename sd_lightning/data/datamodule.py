@@ -13,11 +13,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sd_lightning.data.buckets import AspectRatioBuckets, BucketSampler
 from sd_lightning.data.cache import open_cached_datasets
+from sd_lightning.data.checks import NUMBERS, data_problems, require
 from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 from sd_lightning.data.samplers import ResumableShuffleSampler, ShardedEvalSampler
 from sd_lightning.data.sources import ImageSource, read_exclusions
 from sd_lightning.data.split import split_fraction, split_indices, stable_seed
-from sd_lightning.data.transforms import UNLABELED_POLICIES, CaptionTransform, ColorJitter, ImageTransform
+from sd_lightning.data.transforms import CaptionTransform, ColorJitter, ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +78,13 @@ class DiffusionDataModule(L.LightningDataModule):
         ``labeled_oversample`` = k puts each labeled training item k times into every epoch (each copy with its own
         noise and augmentation), so that a few labels are seen often enough for the condition to be learned."""
         super().__init__()
-        if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"data.train_fraction={train_fraction} must be in (0, 1]")
-        if unlabeled not in UNLABELED_POLICIES:
-            raise ValueError(f"data.unlabeled={unlabeled!r} must be one of {list(UNLABELED_POLICIES)}")
-        if not isinstance(labeled_oversample, int) or labeled_oversample < 1:
-            raise ValueError(f"data.labeled_oversample={labeled_oversample!r} must be an integer >= 1")
-        if labeled_oversample > 1 and (buckets is not None or cache):
-            raise ValueError("data.labeled_oversample > 1 works with square crops from images only; set "
-                             "data.buckets=null and data.cache=null, or data.labeled_oversample=1")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        require(data_problems({k: v for k, v in locals().items() if k in NUMBERS or k in (
+            "conditioning", "unlabeled", "caption_template", "buckets", "cache", "center_crop")}))
         self.source = source
         self.transform = ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
                                         color_jitter=color_jitter, max_zoom=max_zoom)
         self.captions = CaptionTransform(conditioning, caption_template, labeled_fraction, shuffle_tags, keep_tokens)
 
-        unknown = set(buckets or {}).difference({"multiple", "max_aspect"})
-        if unknown:
-            raise ValueError(f"data.buckets has unknown keys {sorted(unknown)}; it takes multiple and max_aspect")
         self.buckets = None if buckets is None else AspectRatioBuckets(resolution, **buckets)
         self.train_bucket_ids: list[int] | None = None
         self.eval_transform = ImageTransform(resolution=resolution, center_crop=True, random_flip=False)

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from sd_lightning.data.checks import data_problems, require
 from sd_lightning.data.sources import SourceItem
 from sd_lightning.data.split import split_fraction
 
-CONDITIONING_MODES = ("text", "class", "none")
 # What training does with items outside data.labeled_fraction.
-UNLABELED_POLICIES = ("null_prompt", "drop")
 
 
 class ColorJitter:
@@ -61,13 +60,7 @@ class ImageTransform:
         color_jitter: ColorJitter | None = None,
         max_zoom: float = 1.0,
     ) -> None:
-        if resolution < 8:
-            raise ValueError(f"data.resolution must be at least 8, got {resolution}")
-        if not 1.0 <= max_zoom <= 4.0:
-            raise ValueError(f"data.max_zoom={max_zoom} must be in [1, 4] (1 = no zoom)")
-        if max_zoom > 1.0 and center_crop:
-            raise ValueError(f"data.max_zoom={max_zoom} needs random crops (data.center_crop=false), or it would "
-                             "only cut the borders away")
+        require(data_problems({"resolution": resolution, "max_zoom": max_zoom, "center_crop": center_crop}))
         self.max_zoom = max_zoom
         self.resolution = resolution
         self.center_crop = center_crop
@@ -114,14 +107,8 @@ class CaptionTransform:
 
     def __init__(self, conditioning: str = "text", caption_template: str = "{class_name}",
                  labeled_fraction: float = 1.0, shuffle_tags: bool = False, keep_tokens: int = 0) -> None:
-        if conditioning not in CONDITIONING_MODES:
-            raise ValueError(f"data.conditioning={conditioning!r} must be one of {list(CONDITIONING_MODES)}")
-        if not 0.0 <= labeled_fraction <= 1.0:
-            raise ValueError(f"data.labeled_fraction={labeled_fraction} must be in [0, 1]")
-        if keep_tokens < 0:
-            raise ValueError(f"data.keep_tokens={keep_tokens} must be >= 0")
-        if "{class_name}" not in caption_template:
-            raise ValueError(f"data.caption_template={caption_template!r} must contain '{{class_name}}'")
+        require(data_problems({"conditioning": conditioning, "caption_template": caption_template,
+                               "labeled_fraction": labeled_fraction, "keep_tokens": keep_tokens}))
         self.conditioning = conditioning
         self.caption_template = caption_template
         self.labeled_fraction = labeled_fraction

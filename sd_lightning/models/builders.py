@@ -152,6 +152,23 @@ def build_components(
     return _finish(backbone, vae_model, text, lora, gradient_checkpointing, attention, channels_last, compile)
 
 
+def pretrained_resolution(path: str | Path) -> int:
+    """The image size a pretrained folder's UNet was trained at (512 for SD 1.x), read when the data is built."""
+    import json
+
+    root = Path(path).expanduser()
+    configs = {}
+    for sub in ("unet", "vae"):
+        file = root / sub / "config.json"
+        if not file.is_file():
+            raise MissingModelError(f"model.path={path} is not a Stable Diffusion diffusers folder: no {sub}/config.json")
+        configs[sub] = json.loads(file.read_text())
+    sample_size = configs["unet"]["sample_size"]
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    return int(sample_size) * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+
+
 def load_pretrained_components(
     path: str | Path,
     conditioner: dict | None = None,

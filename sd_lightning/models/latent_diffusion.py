@@ -211,13 +211,23 @@ class LatentDiffusionModule(L.LightningModule):
         """Images in a batch of pixels or of cached latents (0 when every image was unreadable)."""
         return (batch["latents"] if "latents" in batch else batch["pixel_values"]).shape[0]
 
+    def _skipped(self, loss: torch.Tensor | None) -> torch.Tensor | None:
+        """A step to skip. One process: no loss (Lightning skips it). Data-parallel: Lightning refuses a missing loss,
+        so the step returns a non-finite one through every trained weight; the gradient all-reduce carries it to
+        every process, and NonFiniteGuardCallback drops the gradients everywhere (the skip is counted once)."""
+        if self.trainer.world_size == 1:
+            return None
+        if loss is None:
+            loss = torch.stack([p.sum() for p in self.trainable_parameters()]).sum() * float("nan")
+        return loss
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if self.batch_size(batch) == 0:
-            return None
+            return self._skipped(None)  # every image of this batch was unreadable
         loss = self.diffusion_loss(batch, self.sample_generators(batch, batch_idx)).mean()
         batch_size = self.batch_size(batch)
         if not torch.isfinite(loss):
-            return None  # NonFiniteGuardCallback counts the skipped step
+            return self._skipped(loss)  # NonFiniteGuardCallback counts the skipped step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if batch.get("num_skipped", 0):
             self.log("data/skipped_images", float(batch["num_skipped"]), reduce_fx="sum", batch_size=batch_size)

@@ -19,6 +19,18 @@ def denoiser_block_classes() -> set[type]:
     return {ResnetBlock2D, Transformer2DModel, JointTransformerBlock}
 
 
+def ddp_strategy(timeout_seconds: float = 1800.0, **kwargs: Any) -> Any:
+    """Lightning's DDPStrategy with its collective timeout in seconds: a process whose peer died or hangs exits
+    after at most that long (with a message saying so) instead of waiting forever."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if timeout_seconds <= 0:
+        raise ValueError(f"trainer.strategy.timeout_seconds must be positive, got {timeout_seconds}")
+    return DDPStrategy(timeout=timedelta(seconds=timeout_seconds), **kwargs)
+
+
 def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", cpu_offload: bool = False,
                   activation_checkpointing: bool = True, **kwargs: Any) -> Any:
     """Lightning's FSDPStrategy sharding the denoiser block by block."""

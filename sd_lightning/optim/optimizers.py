@@ -90,3 +90,22 @@ def build_adamw_8bit(params: Iterable[Any], lr: float = 2e-3, weight_decay: floa
             "not importable here; use optimizer=adamw"
         ) from err
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def build_memory_efficient_adamw(params: Iterable[Any], lr: float = 1e-5, weight_decay: float = 0.01
+                                 ) -> torch.optim.Optimizer:
+    """8-bit AdamW where CUDA and bitsandbytes are there, else torch's AdamW: decided when the optimizer is built."""
+    import importlib.util
+    import logging
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return build_adamw_8bit(params, lr=lr, weight_decay=weight_decay)
+    reason = "no CUDA device" if not torch.cuda.is_available() else "bitsandbytes is not installed"
+    logging.getLogger("sd_lightning").info("optimizer: 8-bit AdamW unavailable (%s), using torch.optim.AdamW", reason)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def auto_precision() -> str:
+    """bf16 autocast on GPUs with bf16 units, else fp32 (CPU autocast is 50-200x slower); probed when the Trainer is
+    built (``trainer.precision: {_target_: sd_lightning.optim.optimizers.auto_precision}``)."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"

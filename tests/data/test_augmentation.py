@@ -106,5 +106,5 @@ def test_zoom_crop_shifts_and_scales_square_images_that_a_plain_random_crop_leav
     assert torch.equal(outputs[3], zoom(image, random.Random(3)))
     with pytest.raises(ValueError, match="data.max_zoom=1.5 needs random crops"):
         ImageTransform(resolution=16, center_crop=True, max_zoom=1.5)
-    with pytest.raises(ValueError, match=r"data.max_zoom=0.5 must be in \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"data.max_zoom=0.5 must be >= 1.0"):
         ImageTransform(resolution=16, center_crop=False, max_zoom=0.5)

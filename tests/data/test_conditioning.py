@@ -96,7 +96,7 @@ def test_labeled_oversampling_repeats_labeled_items_with_distinct_sample_ids():
     assert 0.4 < share < 0.6  # 10% labeled x 9 copies: about half of every epoch is conditioned
     assert _prompts(over, "val") == _prompts(semi, "val")
     for bad in (0, 1.5):
-        with pytest.raises(ValueError, match="data.labeled_oversample=.* must be an integer >= 1"):
+        with pytest.raises(ValueError, match=r"data.labeled_oversample=(0 must be >= 1|1.5 must be an integer)"):
             _datamodule(labeled_oversample=bad)
     with pytest.raises(ValueError, match="data.labeled_oversample > 1 works with square crops"):
         _datamodule(labeled_fraction=0.1, labeled_oversample=2, buckets={"multiple": 8})
@@ -121,9 +121,9 @@ def test_train_fraction_keeps_a_stable_nested_share_of_training_and_leaves_valid
     assert set(tenth.train_dataset.indices) < set(fifth.train_dataset.indices) < set(full.train_dataset.indices)
     assert tenth.train_dataset.indices == _datamodule(train_fraction=0.1, limit=None).train_dataset.indices
     assert tenth.val_dataset.indices == full.val_dataset.indices
-    with pytest.raises(ValueError, match=r"data.train_fraction=0.0 must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"data.train_fraction=0.0 must be > 0.0"):
         _datamodule(train_fraction=0.0)
-    with pytest.raises(ValueError, match="data.unlabeled='skip' must be one of"):
+    with pytest.raises(ValueError, match="data.unlabeled='skip' must be 'null_prompt' or 'drop'"):
         _datamodule(unlabeled="skip")
     with pytest.raises(ValueError, match="training split .* is empty .*data.unlabeled=drop"):
         _datamodule(labeled_fraction=0.0, unlabeled="drop")
@@ -159,10 +159,14 @@ def test_bad_conditioning_settings_fail_naming_the_key(tmp_path):
                               ("data.keep_tokens=-1", "data.keep_tokens=-1 must be >= 0"),
                               ("data.unlabeled=skip", "data.unlabeled='skip' must be 'null_prompt' or 'drop'"),
                               ("data.train_fraction=2", "data.train_fraction=2 must be <= 1.0"),
+                              ("data.train_fraction=0", "data.train_fraction=0 must be > 0.0"),
                               ("data.labeled_oversample=0", "data.labeled_oversample=0 must be >= 1"),
                               ("data.caption_template=digit", "must contain '{class_name}'")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
             validate_train_config(compose_train(tmp_path / "run", [override]))
+        # One rule, one source: the data module itself refuses the same value with the same words.
+        with pytest.raises(Exception, match=message.replace("(", r"\(")):
+            instantiate(compose_train(tmp_path / "run", [override]).data)
 
 
 def test_class_mode_without_labels_says_what_to_do(tmp_path):

@@ -64,17 +64,36 @@ def _compose(name, *overrides):
         return compose(name, overrides=list(overrides))
 
 
-def test_precision_resolver_picks_fp32_on_this_cpu():
+def test_precision_and_optimizer_are_probed_when_built(monkeypatch):
+    from sd_lightning.optim.optimizers import auto_precision, build_memory_efficient_adamw
+
     expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    assert OmegaConf.create({"precision": "${sdl.auto_precision:}"}).precision == expected == "32-true"
+    assert auto_precision() == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert auto_precision() == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_precision() == "32-true"
+    optimizer = build_memory_efficient_adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-5)
+    assert type(optimizer) is torch.optim.AdamW  # no CUDA: the 8-bit optimizer is not available
+
+
+def test_finetune_sd_composes_without_reading_the_folder(tmp_path):
+    """Composing and resolving the whole config neither reads model.path nor probes hardware."""
+    cfg = _compose("train", "experiment=finetune_sd", f"model.path={tmp_path / 'not-there'}",
+                   f"paths.run_dir={tmp_path / 'run'}", "data.root=/photos")
+    OmegaConf.to_yaml(cfg, resolve=True)
+    assert cfg.data.resolution._target_.endswith("pretrained_resolution")
 
 
 def test_finetune_sd_composes_from_the_folder(sd_folder, train_config):
     cfg = _experiment(train_config, sd_folder, "finetune_sd")
-    assert cfg.trainer.precision == "32-true"
-    assert cfg.optimizer._target_ == "torch.optim.AdamW"  # no CUDA here: 8-bit AdamW is not available
+    expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    assert instantiate(cfg.trainer.precision) == expected
+    assert cfg.optimizer._target_.endswith("build_memory_efficient_adamw")
     assert cfg.optimizer.lr == pytest.approx(1e-5)
-    assert cfg.data.resolution == 32  # the tiny folder's UNet sample size (8) times the VAE factor (4)
+    assert instantiate(cfg.data.resolution) == 32  # the tiny folder's UNet sample size (8) times the VAE factor (4)
+    assert instantiate(cfg.data).transform.resolution == 32
     assert cfg.objective._target_.endswith("from_pretrained")  # objective=auto: read when the model is built
     assert type(instantiate(cfg.objective)).__name__ == "EpsilonObjective"  # the folder's scheduler: epsilon
     assert cfg.model.components.gradient_checkpointing is True

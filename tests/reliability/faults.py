@@ -11,13 +11,15 @@ import torch.distributed as dist
 
 
 class KillAtStep(L.Callback):
-    """kill -9 of the training process itself when ``global_step`` reaches ``step`` (between checkpoints)."""
+    """kill -9 of the training process itself when ``global_step`` reaches ``step`` (between checkpoints); only
+    of data-parallel process ``rank`` when it is set."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, rank: int | None = None) -> None:
         self.step = step
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -35,15 +37,29 @@ class SignalAtStep(L.Callback):
 
 
 class PoisonBatches(L.Callback):
-    """Makes the pixels of batches from ``start`` on NaN (a broken image that got through)."""
+    """Makes the pixels of batches from ``start`` on NaN (a broken image that got through); only on process
+    ``rank`` when it is set."""
 
-    def __init__(self, start: int, count: int = 1000) -> None:
+    def __init__(self, start: int, count: int = 1000, rank: int | None = None) -> None:
         self.start = start
         self.stop = start + count
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.start <= trainer.global_step < self.stop:
+        if self.start <= trainer.global_step < self.stop and self.rank in (None, trainer.global_rank):
             batch["pixel_values"].fill_(float("nan"))
+
+
+class SaveRankWeights(L.Callback):
+    """Each process writes its trained weights at the end of fit (``<folder>/rank<r>.pt``)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        torch.save(weights, Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
 class OutOfMemoryLoss:

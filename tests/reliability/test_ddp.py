@@ -144,3 +144,30 @@ def test_per_sample_randomness_does_not_depend_on_batch_composition(train_config
     full_loss = model.diffusion_loss(batch, model.sample_generators(batch, 0))
     half_loss = model.diffusion_loss(half, model.sample_generators(half, 5))
     assert torch.allclose(full_loss[:4], half_loss, atol=1e-5)
+
+
+def _poisoned(root: Path, name: str, *overrides: str) -> dict:
+    """A 2-process run recording each rank's final weights."""
+    run = _run(root, name, *TWO_PROCESSES, "+callbacks.weights._target_=faults.SaveRankWeights",
+               f"+callbacks.weights.folder={root / name / 'weights'}", *overrides)
+    run["ranks"] = [torch.load(root / name / "weights" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return run
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """NaN pixels on rank 1 only: the run finishes, both ranks agree, and the step is skipped everywhere."""
+    poison = ["+callbacks.poison._target_=faults.PoisonBatches", "+callbacks.poison.start=2",
+              "+callbacks.poison.count=1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(HERE))
+        one = _poisoned(tmp_path, "one_rank", *poison, "+callbacks.poison.rank=1")
+        both = _poisoned(tmp_path, "both_ranks", *poison)
+        clean = _poisoned(tmp_path, "clean")
+    assert one["state"]["global_step"] == both["state"]["global_step"] == 6
+    assert one["state"]["callbacks"]["nonfinite"]["skipped"] == 1  # counted once, not once per rank
+    for name, value in one["ranks"][0].items():
+        assert torch.equal(value, one["ranks"][1][name]), f"ranks disagree on {name}"
+        assert torch.equal(value, both["ranks"][0][name]), f"{name} differs from skipping the step everywhere"
+    gap = max((one["ranks"][0][n] - clean["ranks"][0][n]).abs().max().item() for n in one["ranks"][0])
+    assert gap > 1e-5  # negative control: the skipped step really changed the outcome

@@ -79,7 +79,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, finished_run
         train(cfg)
     assert last.read_bytes() == before
     assert load_checkpoint(last)["global_step"] == 8
-    leftovers = [p.name for p in last.parent.iterdir() if p.name not in {"last.ckpt"} and not p.name.startswith("best")]
+    leftovers = [p.name for p in last.parent.iterdir() if p.name not in {"last.ckpt", "last.prev.ckpt"} and not p.name.startswith("best")]
     assert leftovers == []
 
 
@@ -166,7 +166,7 @@ def test_out_of_memory_in_a_training_step_exits_with_an_actionable_message_and_s
     assert "Traceback" not in stderr
 
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "last.prev.ckpt"]
     assert half_written_files(run_dir) == []
     # The resume point is the last checkpoint before the failing step, not a state from inside it.
     state = torch.load(checkpoints / "last.ckpt", weights_only=True)
@@ -198,3 +198,28 @@ def test_disk_full_message_is_actionable():
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     message = str(user_error(wrapped))
     assert "previous checkpoint is intact" in message and "save_top_k" in message
+
+
+def test_a_corrupt_last_checkpoint_resumes_from_the_previous_one(tmp_path, caplog):
+    """A disk fault after last.ckpt was written: resume=auto names the file and continues from last.prev.ckpt."""
+    run_dir = tmp_path / "run"
+    steps = [*TINY, "~callbacks.stability", "callbacks.checkpoint.every_n_train_steps=3", "trainer.log_every_n_steps=1",
+             "trainer.check_val_every_n_epoch=null", f"hydra.run.dir={run_dir}"]
+    train(compose_train(run_dir, [*steps, "trainer.max_steps=6"]))
+    last, previous = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.prev.ckpt"
+    assert load_checkpoint(last)["global_step"] == 6 and load_checkpoint(previous)["global_step"] == 3
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated by the fault
+    with caplog.at_level("WARNING"):
+        train(compose_train(run_dir, [*steps, "trainer.max_steps=8", "resume=auto"]))
+    assert f"{last} is unreadable" in caplog.text and str(previous) in caplog.text
+    assert load_checkpoint(last)["global_step"] == 8
+    history = pd.read_csv(run_dir / "csv" / "metrics.csv").dropna(subset=["train/loss"])
+    assert sorted(set(history["step"].astype(int))) == list(range(8))  # steps 3-5 were trained again, 6-7 new
+    # Nothing intact left: said so, naming both files, instead of silently starting over.
+    for file in (last, previous):
+        file.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="both .*last.ckpt and .*last.prev.ckpt are unreadable"):
+        train(compose_train(run_dir, [*steps, "trainer.max_steps=10", "resume=auto"]))
+    previous.unlink()
+    with pytest.raises(CheckpointError, match="no earlier checkpoint"):
+        train(compose_train(run_dir, [*steps, "trainer.max_steps=10", "resume=auto"]))

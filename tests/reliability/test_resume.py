@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -155,4 +156,33 @@ def test_last_checkpoint_is_current_when_another_checkpoint_saved_the_final_step
                                   "data.source.limit=64", "trainer.check_val_every_n_epoch=null",
                                   "trainer.val_check_interval=6", "ckpt_path=last"]))
     assert final_state(run_dir)["global_step"] == 14
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*.ckpt")) == ["last.ckpt", "last.prev.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_worker_ends_the_run_within_the_timeout_and_resume_matches(tmp_path):
+    """kill -9 of rank 1 of 2: rank 0 exits (not hangs) with a message, and resume=auto reaches the same weights."""
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy.timeout_seconds=30",
+           "trainer.max_steps=10", "data.batch_size=4", "~callbacks.stability"]
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def launch(run_dir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "sd_lightning.cli.train", f"hydra.run.dir={run_dir}",
+                                 f"paths.output_root={run_dir.parent}", *BASE, *ddp, *extra],
+                                capture_output=True, text=True, env=env, timeout=300)
+        return result, time.monotonic() - started
+
+    reference, _ = launch(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    killed, seconds = launch(run_dir, "+callbacks.fault._target_=faults.KillAtStep", "+callbacks.fault.step=6",
+                             "+callbacks.fault.rank=1")
+    assert killed.returncode != 0 and seconds < 60 + 30, (killed.returncode, seconds)  # 60 s beyond start-up
+    assert "a data-parallel process stopped" in killed.stderr and "resume=auto" in killed.stderr, killed.stderr[-3000:]
+    assert final_state(run_dir)["global_step"] == 4  # the checkpoint before the kill
+    resumed, _ = launch(run_dir, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = final_state(tmp_path / "reference"), final_state(run_dir)
+    assert got["global_step"] == expected["global_step"] == 10
+    assert_same_tensors(got["state_dict"], expected["state_dict"], "state_dict")
