@@ -9,7 +9,7 @@ $BIN/sdl-train -m experiment=digits objective=epsilon,v_prediction,sample,flow_m
     paths.output_root="$ROOT" logger=csv hydra.sweep.dir="$ROOT/sweep"
 for job in "$ROOT"/sweep/*/; do
     $BIN/python experiments/digits_quality/measure.py --ckpt "$job/checkpoints/last.ckpt" --out "$job/quality.json"
-    $BIN/sdl-eval ckpt_path="$job/checkpoints/last.ckpt" out_dir="$job/eval" eval.num_samples=500 > "$job/eval.log" 2>&1
+    $BIN/sdl-eval ckpt_path="$job/checkpoints/last.ckpt" out_dir="$job/eval" > "$job/eval.log" 2>&1
 done
 $BIN/python experiments/objectives/summarize.py "$ROOT/sweep" > experiments/objectives/results.md
 cat experiments/objectives/results.md

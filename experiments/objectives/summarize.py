@@ -1,6 +1,6 @@
 """Tabulate the objectives study: validation metrics in the common ε space, sample quality and FID per job.
 
-Usage: python experiments/objectives/summarize.py <sweep folder>
+Usage: python experiments/objectives/summarize.py <sweep folder or job folder> [...]
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def row(job: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    sweep = Path(sys.argv[1])
-    rows = [row(job) for job in sorted(p for p in sweep.iterdir() if (p / "config.yaml").is_file())]
+    jobs = []
+    for folder in map(Path, sys.argv[1:]):
+        jobs += [folder] if (folder / "config.yaml").is_file() else sorted(
+            p for p in folder.iterdir() if (p / "config.yaml").is_file())
+    rows = [row(job) for job in jobs]
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
