@@ -92,3 +92,12 @@ def test_a_tiny_transformer_trains_20_steps_with_flow_matching_and_samples(tmp_p
         tmp_path / "s"), "prompt": PROMPTS, "num_images": 2, "seed": 0, "scheduler": None, "steps": 4,
         "guidance_scale": None, "batch_size": 16, "use_ema": True, "trusted_objectives": []}))
     assert len(paths) == 4 and (tmp_path / "s" / "grid.png").is_file()
+    # No plain diffusers pipeline runs this model: the export refuses before writing, naming the family pipeline.
+    from sd_lightning.cli.config import ConfigError
+    from sd_lightning.cli.export import export
+
+    out = tmp_path / "export"
+    with pytest.raises(ConfigError, match="no plain diffusers pipeline runs this model.*StableDiffusion3Pipeline"):
+        export(OmegaConf.create({"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt"), "out_dir": str(out),
+                                 "use_ema": True, "scheduler": None, "overwrite": False, "merge_lora": False}))
+    assert not out.exists() and not out.with_name("export.partial").exists()
