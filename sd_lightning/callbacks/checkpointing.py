@@ -72,7 +72,7 @@ class FinalCheckpointCallback(L.Callback):
         # Another checkpoint (e.g. the best one) saved at this step does not make last.ckpt current.
         if path is None or trainer.global_step == 0 or getattr(checkpoint, "_last_global_step_saved", -1) == trainer.global_step:
             return
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         checkpoint.last_model_path = str(path)
 
 
@@ -113,5 +113,5 @@ class PreemptionCheckpointCallback(L.Callback):
         if not at_optimizer_step_boundary(trainer):
             log.warning("stopped inside a gradient-accumulation cycle: keeping the previous checkpoint")
             return
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         log.warning("preempted at step %d: saved %s (resume with ckpt_path=last)", trainer.global_step, path)

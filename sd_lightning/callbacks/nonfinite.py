@@ -73,7 +73,7 @@ class NonFiniteGuardCallback(L.Callback):
         weights_ok = all(torch.isfinite(p).all() for p in pl_module.parameters())
         path = last_checkpoint_path(trainer)
         if weights_ok and path is not None:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             where = f"the last good state is saved at {path}"
         else:
             where = "the weights are no longer finite, so nothing was saved: resume from the newest existing checkpoint"

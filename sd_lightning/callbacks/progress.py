@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 
 def format_duration(seconds: float | None) -> str:
@@ -94,6 +94,8 @@ class RunClock(L.Callback):
 
     def remaining(self, trainer: L.Trainer) -> float | None:
         """Projected seconds until ``max_steps``: steps left × step time + validations left × validation time."""
+        if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+            return 0.0
         if self.step_time is None or trainer.max_steps is None or trainer.max_steps < 0:
             return None
         step = trainer.global_step
@@ -108,12 +110,10 @@ class RunClock(L.Callback):
         return 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
 
 
-class EtaProgressBar(RichProgressBar):
-    """Rich progress bar that also shows the projected time left and total for ``trainer.max_steps``."""
+class _Clocked:
+    """Feeds a progress bar's ``RunClock`` from the same hooks the bar renders in."""
 
-    def __init__(self, *args: Any, skip_steps: int = 3, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.clock = RunClock(skip_steps=skip_steps)
+    clock: RunClock
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -133,14 +133,97 @@ class EtaProgressBar(RichProgressBar):
         self.clock.on_validation_start(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
         self.clock.on_validation_end(trainer, pl_module)
+        super().on_validation_end(trainer, pl_module)
 
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
+    def run_metrics(self, trainer: L.Trainer) -> dict[str, str]:
+        """Step out of ``max_steps`` and the projected time left and in total."""
         remaining = self.clock.remaining(trainer)
-        items["step"] = f"{trainer.global_step}/{trainer.max_steps}"
-        items["eta"] = format_duration(remaining)
+        items = {"step": f"{trainer.global_step}/{trainer.max_steps}", "eta": format_duration(remaining)}
         if remaining is not None:
             items["total"] = format_duration(self.clock.elapsed() + remaining)
         return items
+
+
+def epoch_description(trainer: L.Trainer) -> str:
+    """``epoch 3``, or ``epoch 3/9`` when the run is budgeted in epochs (never ``Epoch 3/-2`` for a step budget)."""
+    epochs = trainer.max_epochs
+    budgeted = epochs is not None and epochs > 0 and not (trainer.max_steps and trainer.max_steps > 0)
+    return f"epoch {trainer.current_epoch}" + (f"/{epochs - 1}" if budgeted else "")
+
+
+class EtaProgressBar(_Clocked, RichProgressBar):
+    """Rich progress bar for a terminal: the epoch's batches, the step out of ``max_steps``, time left and total."""
+
+    def __init__(self, *args: Any, skip_steps: int = 3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = RunClock(skip_steps=skip_steps)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return epoch_description(self.trainer)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, pl_module), **self.run_metrics(trainer)}
+
+
+class PlainProgressBar(_Clocked, ProgressBar):
+    """Progress for logs that are not a terminal (CI, ``| tee``, SLURM output files), where a live bar shows
+    nothing until the end: one plain line every ``interval_seconds``, after each validation and at the end."""
+
+    def __init__(self, interval_seconds: float = 30.0, skip_steps: int = 3) -> None:
+        super().__init__()
+        self.clock = RunClock(skip_steps=skip_steps)
+        self.interval_seconds = interval_seconds
+        self._enabled = True
+        self._last_line: float | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def line(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str = "") -> str:
+        metrics = {key: value for key, value in self.get_metrics(trainer, pl_module).items() if key != "v_num"}
+        shown = " ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in metrics.items())
+        run = self.run_metrics(trainer)
+        total = f" (total {run['total']})" if "total" in run else ""
+        return (f"{event}step {run['step']} {epoch_description(trainer)} {shown} | elapsed "
+                f"{format_duration(self.clock.elapsed())} eta {run['eta']}{total}").replace("  ", " ")
+
+    def _emit(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str = "") -> None:
+        if self._enabled and trainer.is_global_zero and not trainer.sanity_checking:
+            print(self.line(trainer, pl_module, event), flush=True)
+            self._last_line = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        due = self._last_line is None or time.perf_counter() - self._last_line >= self.interval_seconds
+        if due and self.clock.step_time is not None:
+            self._emit(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._emit(trainer, pl_module, "validated: ")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._emit(trainer, pl_module, "finished: ")
+
+
+def progress_bar(interactive: bool | None = None, interval_seconds: float = 30.0, skip_steps: int = 3) -> ProgressBar:
+    """The rich bar where the output is a terminal or notebook (as Rich itself decides), plain lines elsewhere;
+    ``interactive=true|false`` forces either."""
+    if interactive is None:
+        from rich.console import Console
+
+        console = Console()
+        interactive = console.is_terminal or console.is_jupyter
+    if interactive:
+        return EtaProgressBar(skip_steps=skip_steps)
+    return PlainProgressBar(interval_seconds=interval_seconds, skip_steps=skip_steps)

@@ -9,19 +9,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sd_lightning.cli.scripts import (
+    CONFIG_DIR as CONFIG_DIR,  # re-exported: entry points and tests read it here
+)
 from sd_lightning.data.checks import check_value, data_problems
 from sd_lightning.diffusion.objectives import FLOW_SCHEDULERS
 from sd_lightning.diffusion.schedules import SAMPLING_SCHEDULERS
-
-
-def _config_dir() -> str:
-    """The configs: inside the installed package (a wheel carries them as sd_lightning/conf), else the checkout's."""
-    package = Path(__file__).resolve().parents[1]
-    installed = package / "conf"
-    return str(installed if (installed / "train.yaml").is_file() else package.parent / "conf")
-
-
-CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
@@ -178,7 +171,6 @@ def run_entry(name: str, function: Any, cfg: DictConfig) -> Any:
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    silence_known_noise()
     try:
         return function(cfg)
     except Exception as err:
@@ -187,19 +179,3 @@ def run_entry(name: str, function: Any, cfg: DictConfig) -> Any:
             raise
         print(f"{name}: {cause}", file=sys.stderr)
         sys.exit(2)
-
-
-def silence_known_noise() -> None:
-    """Drop warnings that are known, harmless on this stack and would bury the run's own messages."""
-    import logging
-    import warnings
-
-    for pattern in (r".*LeafSpec.*", r".*set_vital.*", r".*module\(s\) in eval mode.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage()
-    )
-    from transformers.utils import logging as hf_logging
-
-    for handler in hf_logging._get_library_root_logger().handlers:
-        handler.addFilter(lambda record: "requires torchvision" not in record.getMessage())

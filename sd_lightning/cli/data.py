@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, _check_number, missing_keys, run_entry
+from sd_lightning.cli.scripts import DATA_SUBCOMMANDS
 from sd_lightning.data.cleaning import FILL_MODES, CleanResult, clean, training_overrides
 from sd_lightning.data.inspection import (
     InspectionReport,
@@ -160,12 +161,11 @@ def shard_data(cfg: DictConfig) -> dict[str, Any]:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "inspect": Subcommand(inspect, "scan the data and write a report of every problem"),
-    "clean": Subcommand(clean_data, "write exclude.txt (and filled captions) from a scan or a report"),
+    "inspect": Subcommand(inspect, DATA_SUBCOMMANDS["inspect"]),
+    "clean": Subcommand(clean_data, DATA_SUBCOMMANDS["clean"]),
     # Takes sdl-train's config (data=, model=, data.cache=DIR): the cache is keyed by that model's encoders.
-    "cache": Subcommand(cache_latents, "encode images and prompts once to a latent cache (data.cache=DIR)",
-                        config_name="train"),
-    "shard": Subcommand(shard_data, "write the data to WebDataset .tar shards (shard.out=DIR)"),
+    "cache": Subcommand(cache_latents, DATA_SUBCOMMANDS["cache"], config_name="train"),
+    "shard": Subcommand(shard_data, DATA_SUBCOMMANDS["shard"]),
 }
 
 
@@ -265,4 +265,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sd_lightning.cli.scripts import run
+
+    run("sdl-data")

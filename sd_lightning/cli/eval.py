@@ -307,4 +307,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sd_lightning.cli.scripts import run
+
+    run("sdl-eval")

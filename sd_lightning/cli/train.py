@@ -24,13 +24,22 @@ from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
 log = logging.getLogger("sd_lightning")
 
 
+# The wandb folder variables _contain_wandb set (not the user's): re-pointed at each run of the process.
+_CONTAINED_WANDB_FOLDERS: dict[str, str] = {}
+
+
 def _contain_wandb(run_dir: Path) -> None:
-    """Keep wandb's files inside the run folder instead of ~/.cache and the system temp folder."""
+    """Keep wandb's files inside the run folder instead of ~/.cache and the system temp folder.
+
+    A folder the user set is kept; one set here for an earlier run of this process (a multirun's previous
+    job) moves to this run, else later jobs would stage their artifacts in the first job's folder.
+    """
     for variable, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_CONFIG_DIR", "wandb/config"),
                           ("WANDB_DATA_DIR", "wandb/data")):
         path = run_dir / sub
         path.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault(variable, str(path))
+        if variable not in os.environ or os.environ[variable] == _CONTAINED_WANDB_FOLDERS.get(variable):
+            os.environ[variable] = _CONTAINED_WANDB_FOLDERS[variable] = str(path)
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -207,4 +216,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from sd_lightning.cli.scripts import run
+
+    run("sdl-train")

@@ -37,6 +37,7 @@ class DiffusionDataset(Dataset):
         self.augment = augment
         self.captions = captions
         self.sizes = sizes
+        self.unreadable: set[str] = set()  # reported once each (per loader worker), not again every epoch
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -51,7 +52,9 @@ class DiffusionDataset(Dataset):
         try:
             image = self.source.load_image(index)
         except UnreadableImageError as err:
-            log.warning("skipping unreadable image %s (%s)", item.id, err)
+            if item.id not in self.unreadable:
+                self.unreadable.add(item.id)
+                log.warning("skipping unreadable image %s (%s)", item.id, err)
             return None
         # A repeated item's later copies get their own id, so their noise, timesteps and augmentation differ.
         sample_id = item.id if occurrence == 0 else f"{item.id}#{occurrence}"

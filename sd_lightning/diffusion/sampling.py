@@ -23,15 +23,20 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     output_type: str = "pil",
+    seeds: Sequence[int] | None = None,
 ) -> list[Image.Image] | torch.Tensor:
-    """``pipeline``: a diffusers text-to-image pipeline or ``LatentSampler``. Image i starts from noise seeded by ``seed + i``, so results do not depend on batch size.
+    """``pipeline``: a diffusers text-to-image pipeline or ``LatentSampler``. Image i starts from noise seeded by
+    ``seeds[i]`` (default ``seed + i``), so results do not depend on batch size or on the other prompts.
 
     An empty prompt generates unconditionally (from pure noise with the null condition).
     """
+    seeds = list(range(seed, seed + len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     outputs: list = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
-        generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
         result = pipeline(
             prompt=chunk,
             num_inference_steps=steps,

@@ -101,6 +101,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.val_timestep_metrics = torch.nn.ModuleDict(
             {self.timestep_label(u): MeanSquaredError().set_dtype(torch.float64) for u in self.val_fractions}
         )
+        # Not logged: the loggers get the whole resolved run config (train.py), which these reprs would overwrite.
         self.save_hyperparameters({
             "objective": repr(objective), "loss": repr(self.loss), "weighting": repr(self.weighting),
             "timesteps": repr(self.timestep_distribution), "noise": repr(self.noise),
@@ -108,7 +109,7 @@ class LatentDiffusionModule(L.LightningModule):
             "drop_prob": self.conditioner.drop_prob, "train_text_encoder": self.conditioner.trains,
             "lora": None if self.lora is None else self.lora.to_dict(),
             "val_timesteps": list(self.val_fractions), "sampling": dict(self.sampling), "seed": seed, "path": path,
-        })
+        }, logger=False)
 
     @staticmethod
     def timestep_label(fraction: float) -> str:

@@ -107,5 +107,11 @@ def build_memory_efficient_adamw(params: Iterable[Any], lr: float = 1e-5, weight
 
 def auto_precision() -> str:
     """bf16 autocast on GPUs with bf16 units, else fp32 (CPU autocast is 50-200x slower); probed when the Trainer is
-    built (``trainer.precision: {_target_: sd_lightning.optim.optimizers.auto_precision}``)."""
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    built (``trainer.precision: {_target_: sd_lightning.optim.optimizers.auto_precision}``).
+
+    Only native bf16 counts: ``torch.cuda.is_bf16_supported()`` alone also says yes on pre-Ampere GPUs (V100, T4),
+    which have no bf16 tensor cores and where torch only emulates it.
+    """
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "32-true"

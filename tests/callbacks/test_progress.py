@@ -10,7 +10,13 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 import sd_lightning.callbacks.progress as progress
-from sd_lightning.callbacks.progress import EtaProgressBar, RunClock, format_duration
+from sd_lightning.callbacks.progress import (
+    EtaProgressBar,
+    PlainProgressBar,
+    RunClock,
+    format_duration,
+    progress_bar,
+)
 
 from conftest import FAST, compose_train
 
@@ -34,7 +40,9 @@ class TimedModel(BoringModel):
 
     def training_step(self, batch, batch_idx):
         self.clock.now += 2.0
-        return super().training_step(batch, batch_idx)
+        output = super().training_step(batch, batch_idx)
+        self.log("train/loss", output["loss"], prog_bar=True)
+        return output
 
     def validation_step(self, batch, batch_idx):
         self.clock.now += 0.5
@@ -102,6 +110,47 @@ def test_progress_bar_shows_eta_and_total(fake_time):
     items = bar.get_metrics(trainer, trainer.lightning_module)
     assert items["eta"] == "0s" and items["step"] == "6/6"
     assert items["total"] == format_duration(fake_time.now)
+
+
+def _bar_trainer(bar, **kwargs) -> L.Trainer:
+    return L.Trainer(callbacks=[bar], logger=False, enable_checkpointing=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, accelerator="cpu", **kwargs)
+
+
+def test_a_step_budget_shows_the_epoch_without_a_bogus_total(fake_time, capsys):
+    trainer = _bar_trainer(EtaProgressBar(skip_steps=1), max_steps=6, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(TimedModel(fake_time))
+    assert trainer.max_epochs == -1  # what made Lightning's bar say "Epoch 1/-2"
+    shown = capsys.readouterr().out
+    assert "epoch 1 " in shown and "/-" not in shown and "step: 6/6" in shown
+    _bar_trainer(EtaProgressBar(), max_epochs=3, limit_train_batches=2, limit_val_batches=0).fit(TimedModel(fake_time))
+    assert "epoch 2/2 " in capsys.readouterr().out  # an epoch budget keeps its total
+
+
+def test_plain_lines_in_a_log_periodically_after_validation_and_at_the_end(fake_time, capsys):
+    bar = PlainProgressBar(interval_seconds=5.0, skip_steps=1)
+    trainer = _bar_trainer(bar, max_steps=12, limit_train_batches=4, limit_val_batches=1,
+                           check_val_every_n_epoch=2)
+    trainer.fit(TimedModel(fake_time))  # 2 s per step, 0.5 s per validation batch
+    lines = capsys.readouterr().out.strip().splitlines()
+    periodic = [line for line in lines if line.startswith("step ")]
+    # The first line once the step time is known (step 2), then every 5 s of fake time (every third step).
+    assert [line.split()[1] for line in periodic] == ["2/12", "5/12", "8/12", "11/12"]
+    assert [line.split()[2] for line in lines if line.startswith("validated:")] == ["8/12"]
+    assert lines[-1].startswith("finished: step 12/12 epoch 3 train/loss ") and "eta 0s" in lines[-1]
+    assert all("train/loss " in line for line in periodic)
+    assert all("-2" not in line for line in lines)
+    assert "eta 20s" in periodic[0]  # 10 steps left × 2 s, before any validation was timed
+
+
+def test_the_bar_follows_the_output(monkeypatch):
+    import rich.console
+
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: False))
+    assert isinstance(progress_bar(), PlainProgressBar)
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    assert isinstance(progress_bar(), EtaProgressBar)
+    assert isinstance(progress_bar(interactive=False, interval_seconds=7), PlainProgressBar)
 
 
 def test_format_duration():

@@ -137,3 +137,31 @@ def test_generate_does_not_depend_on_batch_size(trained_run):
     one = generate(pipeline, prompts, seed=1, steps=3, batch_size=1, output_type="np")
     all_ = generate(pipeline, prompts, seed=1, steps=3, batch_size=3, output_type="np")
     assert np.abs(np.asarray(one) - np.asarray(all_)).max() < 1e-5
+
+
+def test_several_prompts_in_one_call_write_a_folder_each(trained_run, tmp_path):
+    ckpt = str(trained_run / "checkpoints" / "last.ckpt")
+    prompts = ["a handwritten digit one", "a handwritten digit seven", ""]
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("a handwritten digit one\n\n  a handwritten digit seven  \n")
+    common = {"ckpt_path": ckpt, "num_images": 2, "steps": 3, "seed": 5}
+    many_cfg = _cfg("sample", out_dir=str(tmp_path / "many"), **common)
+    many_cfg.prompts = prompts
+    sample(many_cfg)
+    from_file = sample(_cfg("sample", out_dir=str(tmp_path / "file"), prompt_file=str(listed), **common))
+    alone = sample(_cfg("sample", out_dir=str(tmp_path / "alone"), prompt=prompts[1], **common))
+    folders = sorted(p.name for p in (tmp_path / "many").iterdir() if p.is_dir())
+    assert folders == ["000", "001", "002"]
+    assert [(tmp_path / "many" / f / "prompt.txt").read_text() for f in folders] == [p + "\n" for p in prompts]
+    assert sorted(p.name for p in (tmp_path / "many" / "001").glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
+    assert Image.open(tmp_path / "many" / "grid.png").size == (64, 96)  # a row per prompt
+    # A prompt's images are the same alone or among others (image j seeded by seed + j), and differ across prompts.
+    many = _arrays(sorted((tmp_path / "many" / "001").glob("0*.png")))
+    for a, b in zip(many, _arrays(alone)):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    assert len(from_file) == 4 and (tmp_path / "file" / "001" / "prompt.txt").read_text() == prompts[1] + "\n"
+    assert not np.array_equal(many[0], _arrays(sorted((tmp_path / "many" / "000").glob("0*.png")))[0])
+    with pytest.raises(ConfigError, match="one of prompt, prompts and prompt_file"):
+        sample(_cfg("sample", out_dir=str(tmp_path / "x"), prompt="a", prompt_file=str(listed), **common))
+    with pytest.raises(ConfigError, match="prompt_file=.*does not exist"):
+        sample(_cfg("sample", out_dir=str(tmp_path / "x"), prompt_file=str(tmp_path / "none.txt"), **common))

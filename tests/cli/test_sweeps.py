@@ -100,3 +100,102 @@ def test_ddp_inside_a_multirun_with_ddp_spawn(tmp_path):
     state = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 4
     assert pd.read_csv(job / "csv" / "metrics.csv")["val/mse"].notna().any()
+
+
+RECORDER = '''
+import json, os, time
+from pathlib import Path
+
+import lightning as L
+
+
+class RecordDevices(L.Callback):
+    """Writes the job's CUDA_VISIBLE_DEVICES and when it ran into its run folder."""
+
+    def __init__(self):
+        self.start = time.time()
+
+    def on_fit_end(self, trainer, pl_module):
+        record = {"devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": self.start, "end": time.time()}
+        (Path(trainer.default_root_dir) / "devices.json").write_text(json.dumps(record))
+'''
+
+
+def _max_overlap(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.slow
+def test_gpu_parallel_launcher_runs_each_job_on_its_own_device(tmp_path):
+    import json
+
+    (tmp_path / "record_devices.py").write_text(RECORDER)
+    multirun(tmp_path, "hydra/launcher=gpu_parallel", "hydra.launcher.devices=[0,1]", "hydra.launcher.poll_seconds=0.2",
+             "+callbacks.record._target_=record_devices.RecordDevices", "seed=0,1,2,3,4", "trainer.max_steps=2")
+    jobs = _job_dirs(tmp_path)
+    assert [job.name for job in jobs] == ["0", "1", "2", "3", "4"]  # every job once
+    records = [json.loads((job / "devices.json").read_text()) for job in jobs]
+    assert {r["devices"] for r in records} == {"0", "1"}
+    assert _max_overlap([(r["start"], r["end"]) for r in records]) == 2  # two at once, the rest queued
+    for a in records:
+        for b in records:
+            if a is not b and a["start"] < b["end"] and b["start"] < a["end"]:
+                assert a["devices"] != b["devices"]  # no device shared by jobs running together
+
+
+class FakeJob:
+    """Finishes after ``polls`` calls of done(); records the slot it ran on."""
+
+    def __init__(self, index, slot, clock, polls):
+        self.index, self.slot, self.clock, self.polls = index, slot, clock, polls
+        self.start = clock["now"]
+        self.end = None
+
+    def done(self):
+        self.clock["now"] += 1
+        self.polls -= 1
+        if self.polls <= 0 and self.end is None:
+            self.end = self.clock["now"]
+        return self.end is not None
+
+    def results(self):
+        return [f"result {self.index}"]
+
+
+def test_jobs_asking_for_two_devices_get_disjoint_pairs():
+    from hydra_plugins.sd_lightning_launcher.gpu_parallel import device_slots, run_queued
+
+    slots = device_slots([0, 1, 2, 3, 4], 2)
+    assert slots == [(0, 1), (2, 3)]  # the odd device stays unused
+    clock, jobs = {"now": 0}, []
+
+    def submit(index, slot):
+        jobs.append(FakeJob(index, slot, clock, polls=3 + index % 2))
+        return jobs[-1]
+
+    assert run_queued(5, slots, submit, poll_seconds=0) == [f"result {i}" for i in range(5)]
+    assert sorted(job.index for job in jobs) == [0, 1, 2, 3, 4]
+    assert _max_overlap([(job.start, job.end) for job in jobs]) == 2
+    for a in jobs:
+        for b in jobs:
+            if a is not b and a.start < b.end and b.start < a.end:
+                assert not set(a.slot) & set(b.slot)
+
+
+def test_gpu_parallel_explains_a_machine_without_enough_devices(monkeypatch):
+    from hydra_plugins.sd_lightning_launcher import gpu_parallel
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert gpu_parallel.visible_devices() == [3, 5]
+    with pytest.raises(ValueError, match="needs 4 device.*hydra.launcher.devices=.*cpu_parallel"):
+        gpu_parallel.device_slots(gpu_parallel.visible_devices(), 4)
+    with pytest.raises(ValueError, match="twice"):
+        gpu_parallel.device_slots([1, 1], 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
+    assert gpu_parallel.visible_devices() == [0, 1, 2]

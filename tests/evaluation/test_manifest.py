@@ -7,7 +7,13 @@ import torch
 from hydra.utils import instantiate
 
 from sd_lightning.cli.train import train
-from sd_lightning.evaluation.manifest import build_manifest, data_hash, git_state, read_manifest
+from sd_lightning.evaluation.manifest import (
+    build_manifest,
+    data_hash,
+    git_state,
+    hardware_info,
+    read_manifest,
+)
 
 from conftest import FAST, compose_train
 
@@ -33,6 +39,29 @@ def test_data_hash_follows_the_split_and_exclusions(tmp_path):
     assert excluded["sha256"] != base["sha256"]
     assert excluded["train_items"] + excluded["val_items"] == 199
     assert exclude.read_text() == "digits/0003  # blurry\n"  # the user's file is untouched
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs torch sees on this machine, by name ([] without CUDA)."""
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def test_hardware_records_the_gpus_torch_sees(monkeypatch):
+    """On a two-GPU machine (faked through torch.cuda) the manifest names both GPUs, in device order; with CUDA
+    unusable it names none, even where a device count is reported."""
+    names = ["NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 3090"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[device])
+    assert build_manifest({"seed": 0}, command=["sdl-train"])["hardware"]["gpus"] == names
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # e.g. a driver that failed to initialize
+    assert hardware_info()["gpus"] == []
+
+
+def test_hardware_on_this_machine():
+    hardware = hardware_info()
+    assert hardware["gpus"] == _visible_gpus()
+    assert hardware["cpu_cores"] >= 1 and hardware["torch_threads"] == torch.get_num_threads()
 
 
 def test_git_state_is_null_outside_a_repo_or_without_git(tmp_path, monkeypatch):
@@ -73,7 +102,8 @@ def test_a_run_writes_its_manifest_and_logs_it_to_wandb(tmp_path, offline_wandb)
     for package in ("lightning", "diffusers", "transformers", "hydra-core"):
         assert manifest["packages"][package]
     hardware = manifest["hardware"]
-    assert hardware["cpu_cores"] >= 1 and hardware["ram_gb"] > 0 and hardware["gpus"] == [] and hardware["cpu"]
+    assert hardware["cpu_cores"] >= 1 and hardware["ram_gb"] > 0 and hardware["cpu"]
+    assert hardware["gpus"] == _visible_gpus()
     assert manifest["python"].count(".") == 2 and manifest["git"].keys() == {"commit", "dirty"}
     assert manifest["command"]
 

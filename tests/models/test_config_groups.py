@@ -187,18 +187,29 @@ def test_channels_last_and_compile_are_engaged_and_keep_the_weights(tmp_path, de
 
 
 def test_cuda_only_options_compose_and_refuse_or_fall_back(tmp_path):
+    """What this machine has (CUDA, deepspeed, bitsandbytes) decides whether each option builds or refuses."""
+    cuda = torch.cuda.is_available()
     cfg = compose_train(tmp_path / "fsdp", ["trainer=fsdp"])
-    with pytest.raises(Exception, match="(?i)gpu|cuda|accelerator"):
-        instantiate(cfg.trainer)
+    if cuda:
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert isinstance(trainer.strategy, L.pytorch.strategies.FSDPStrategy)
+    else:
+        with pytest.raises(Exception, match="(?i)gpu|cuda|accelerator"):
+            instantiate(cfg.trainer)
     cfg = compose_train(tmp_path / "ds", ["trainer=deepspeed"])
-    with pytest.raises(Exception, match="deepspeed"):
-        instantiate(cfg.trainer)
+    if cuda and _has("deepspeed"):
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert isinstance(trainer.strategy, L.pytorch.strategies.DeepSpeedStrategy)
+    else:  # the strategy (refusing without deepspeed) is built before the Trainer (refusing without a GPU)
+        with pytest.raises(Exception, match="needs the deepspeed package" if not _has("deepspeed") else "(?i)gpu|cuda"):
+            instantiate(cfg.trainer)
     cfg = compose_train(tmp_path / "8bit", ["optimizer=adamw_8bit"])
     build = instantiate(cfg.optimizer)
-    if torch.cuda.is_available() and _has("bitsandbytes"):
+    if cuda and _has("bitsandbytes"):
         assert type(build(params=[torch.nn.Parameter(torch.zeros(2, device="cuda"))])).__name__ == "AdamW8bit"
     else:
-        with pytest.raises(RuntimeError, match="optimizer=adamw_8bit needs a CUDA GPU"):
+        missing = "a CUDA GPU" if not cuda else "bitsandbytes"
+        with pytest.raises(RuntimeError, match=f"optimizer=adamw_8bit needs {missing}"):
             build(params=[torch.nn.Parameter(torch.zeros(2))])
     ddp = instantiate(compose_train(tmp_path / "ddp", ["trainer=ddp", "trainer.accelerator=cpu"]).trainer,
                       logger=False, enable_checkpointing=False)

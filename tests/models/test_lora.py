@@ -64,18 +64,28 @@ def _compose(name, *overrides):
         return compose(name, overrides=list(overrides))
 
 
-def test_precision_and_optimizer_are_probed_when_built(monkeypatch):
-    from sd_lightning.optim.optimizers import auto_precision, build_memory_efficient_adamw
+def _this_machines_precision() -> str:
+    """What auto_precision should pick here: bf16 autocast only on a GPU with bf16 units (not emulated bf16)."""
+    native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16-mixed" if native_bf16 else "32-true"
 
-    expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    assert auto_precision() == expected
+
+def test_precision_and_optimizer_are_probed_when_built(monkeypatch, tmp_path):
+    """One composed finetune_sd config decides precision and optimizer from the machine it is built on.
+
+    The machines are faked through torch.cuda; the per-machine decisions are tested in tests/optim/test_optimizers.py.
+    """
+    cfg = _compose("train", "experiment=finetune_sd", f"model.path={tmp_path / 'not-there'}",
+                   f"paths.run_dir={tmp_path / 'run'}", "data.root=/photos")
+    assert instantiate(cfg.trainer.precision) == _this_machines_precision()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert auto_precision() == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert instantiate(cfg.trainer.precision) == "bf16-mixed"  # the same config on a GPU with bf16 units
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert auto_precision() == "32-true"
-    optimizer = build_memory_efficient_adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-5)
+    assert instantiate(cfg.trainer.precision) == "32-true"
+    optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(2))])
     assert type(optimizer) is torch.optim.AdamW  # no CUDA: the 8-bit optimizer is not available
+    assert optimizer.defaults["lr"] == pytest.approx(1e-5)
 
 
 def test_finetune_sd_composes_without_reading_the_folder(tmp_path):
@@ -88,8 +98,7 @@ def test_finetune_sd_composes_without_reading_the_folder(tmp_path):
 
 def test_finetune_sd_composes_from_the_folder(sd_folder, train_config):
     cfg = _experiment(train_config, sd_folder, "finetune_sd")
-    expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    assert instantiate(cfg.trainer.precision) == expected
+    assert instantiate(cfg.trainer.precision) == _this_machines_precision()
     assert cfg.optimizer._target_.endswith("build_memory_efficient_adamw")
     assert cfg.optimizer.lr == pytest.approx(1e-5)
     assert instantiate(cfg.data.resolution) == 32  # the tiny folder's UNet sample size (8) times the VAE factor (4)
@@ -216,13 +225,15 @@ def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
     samples = tmp_path / "samples"
     sample(_compose("sample", f"ckpt_path={part.paths.run_dir}/checkpoints/last.ckpt", f"out_dir={samples}",
                     f"prompt=[{','.join(PROMPTS)}]", "num_images=2", "seed=0", "steps=4"))
-    from_checkpoint = np.stack([np.asarray(Image.open(samples / f"{i:05d}.png")) for i in range(4)]).astype(int)
+    from_checkpoint = np.stack([np.asarray(Image.open(samples / f"{k:03d}" / f"{j:05d}.png"))
+                                for k in range(len(PROMPTS)) for j in range(2)]).astype(int)  # a folder per prompt
 
     def images(pipeline):
         pipeline.scheduler = sampling_scheduler(sampling["scheduler"], pipeline.scheduler.config)  # the export's
         pipeline.set_progress_bar_config(disable=True)
         prompts = [p for p in PROMPTS for _ in range(2)]
-        result = generate(pipeline, prompts, seed=0, steps=4, guidance_scale=sampling["guidance_scale"])
+        result = generate(pipeline, prompts, seeds=[j for _ in PROMPTS for j in range(2)], steps=4,
+                          guidance_scale=sampling["guidance_scale"])
         return np.stack([np.asarray(image) for image in result]).astype(int)
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, **PLAIN)

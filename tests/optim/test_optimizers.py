@@ -1,5 +1,10 @@
 """Every optimizer and LR-schedule option: the named package's class, real updates, correct stepping."""
 
+import importlib.machinery
+import importlib.util
+import logging
+import sys
+import types
 from functools import partial
 from pathlib import Path
 
@@ -12,7 +17,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sd_lightning.callbacks.ema import EMACallback
 from sd_lightning.callbacks.schedule_free import ScheduleFreeModeCallback
 from sd_lightning.cli.config import CONFIG_DIR
-from sd_lightning.optim.optimizers import build_schedule_free_adamw, split_weight_decay
+from sd_lightning.optim.optimizers import (
+    auto_precision,
+    build_adamw_8bit,
+    build_memory_efficient_adamw,
+    build_schedule_free_adamw,
+    split_weight_decay,
+)
 from sd_lightning.optim.schedules import build_lr_scheduler, configure_optimization
 
 from conftest import compose_train
@@ -60,10 +71,90 @@ def test_every_optimizer_yaml_is_covered():
     assert {p.stem for p in (Path(CONFIG_DIR) / "optimizer").glob("*.yaml")} == set(EXPECTED_CLASS) | {"adamw_8bit"}
 
 
-def test_adamw_8bit_explains_itself_without_a_gpu(tmp_path):
+def test_adamw_8bit_option_builds_or_explains_itself_on_this_machine(tmp_path):
+    """The real hardware decides: bitsandbytes' AdamW8bit with CUDA and bitsandbytes, else an error naming what is
+    missing and the option to use instead."""
     factory = instantiate(compose_train(tmp_path / "run", ["optimizer=adamw_8bit"]).optimizer)
-    with pytest.raises(RuntimeError, match="optimizer=adamw"):
-        factory(params=[torch.nn.Parameter(torch.zeros(2))])
+    cuda, bitsandbytes = torch.cuda.is_available(), importlib.util.find_spec("bitsandbytes") is not None
+    if cuda and bitsandbytes:
+        optimizer = factory(params=[torch.nn.Parameter(torch.zeros(2, device="cuda"))])
+        assert type(optimizer).__module__.startswith("bitsandbytes") and type(optimizer).__name__ == "AdamW8bit"
+    else:
+        missing = "needs a CUDA GPU" if not cuda else "needs bitsandbytes"
+        with pytest.raises(RuntimeError, match=rf"{missing}.*use optimizer=adamw\b"):
+            factory(params=[torch.nn.Parameter(torch.zeros(2))])
+
+
+class _StandInAdamW8bit(torch.optim.AdamW):
+    """Stands in for ``bitsandbytes.optim.AdamW8bit``, which needs a real CUDA device to build and step."""
+
+
+def _machine(monkeypatch: pytest.MonkeyPatch, *, cuda: bool, bitsandbytes: bool) -> None:
+    """Make torch report a CUDA device (or none) and bitsandbytes importable (a stand-in module) or absent.
+
+    Under these patches only the package's decision is tested, not bitsandbytes: its real optimizer needs CUDA
+    tensors, so the stand-in records which class the package chose and with which settings.
+    """
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if bitsandbytes:
+        module = types.ModuleType("bitsandbytes")
+        module.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", loader=None)  # find_spec reads it
+        module.optim = types.SimpleNamespace(AdamW8bit=_StandInAdamW8bit)
+        monkeypatch.setitem(sys.modules, "bitsandbytes", module)
+    else:
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec gives None and the import fails
+
+
+@pytest.mark.parametrize(("cuda", "bitsandbytes", "error"), [
+    (True, True, None), (True, False, "needs bitsandbytes"), (False, True, "needs a CUDA GPU"),
+    (False, False, "needs a CUDA GPU")])
+def test_adamw_8bit_option_needs_cuda_and_bitsandbytes(monkeypatch, cuda, bitsandbytes, error):
+    _machine(monkeypatch, cuda=cuda, bitsandbytes=bitsandbytes)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    if error is None:
+        optimizer = build_adamw_8bit(params, lr=1e-3, weight_decay=0.05)
+        assert type(optimizer) is _StandInAdamW8bit
+        assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 0.05
+    else:
+        with pytest.raises(RuntimeError, match=rf"optimizer=adamw_8bit {error}.*use optimizer=adamw\b"):
+            build_adamw_8bit(params)
+
+
+@pytest.mark.parametrize(("cuda", "bitsandbytes", "reason"), [
+    (True, True, None), (True, False, "bitsandbytes is not installed"), (False, True, "no CUDA device"),
+    (False, False, "no CUDA device")])
+def test_memory_efficient_adamw_is_8bit_only_with_cuda_and_bitsandbytes(monkeypatch, caplog, cuda, bitsandbytes,
+                                                                        reason):
+    """experiment=finetune_sd's optimizer: 8-bit AdamW on a CUDA machine with bitsandbytes, else torch's AdamW
+    with the same settings and one log line naming why."""
+    _machine(monkeypatch, cuda=cuda, bitsandbytes=bitsandbytes)
+    with caplog.at_level(logging.INFO, logger="sd_lightning"):
+        optimizer = build_memory_efficient_adamw([torch.nn.Parameter(torch.zeros(2))], lr=3e-5, weight_decay=0.02)
+    assert type(optimizer) is (_StandInAdamW8bit if reason is None else torch.optim.AdamW)
+    assert optimizer.defaults["lr"] == 3e-5 and optimizer.defaults["weight_decay"] == 0.02
+    fallbacks = [r.getMessage() for r in caplog.records if "8-bit AdamW unavailable" in r.getMessage()]
+    if reason is None:
+        assert fallbacks == []
+    else:
+        assert len(fallbacks) == 1 and f"({reason})" in fallbacks[0], fallbacks
+
+
+def _bf16_probe(native: bool):
+    """``torch.cuda.is_bf16_supported`` of a GPU with bf16 units (Ampere and newer) or without (V100, T4), where it
+    still answers True unless ``including_emulation=False``."""
+    return lambda including_emulation=True: native or including_emulation
+
+
+@pytest.mark.parametrize(("cuda", "bf16_probe", "expected"), [
+    pytest.param(True, _bf16_probe(native=True), "bf16-mixed", id="gpu-with-bf16-units"),
+    pytest.param(True, _bf16_probe(native=False), "32-true", id="older-gpu-bf16-only-emulated"),
+    # A ROCm build answers True without any device: the CUDA check comes first.
+    pytest.param(False, lambda including_emulation=True: True, "32-true", id="no-cuda-device"),
+])
+def test_auto_precision_follows_the_gpu(monkeypatch, cuda, bf16_probe, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_probe)
+    assert auto_precision() == expected
 
 
 @pytest.mark.parametrize("name", ["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"])
