@@ -105,7 +105,7 @@ def _scan(cfg: DictConfig, root: Path) -> InspectionReport:
 
     with Progress(transient=True) as progress:
         task = progress.add_task(f"scanning {root}", total=None)
-        return scan_folder(root, _settings(cfg), _tokenizer(cfg),
+        return scan_folder(root, _settings(cfg), _tokenizer(cfg), workers=cfg.inspect.get("workers"),
                            progress=lambda done, total: progress.update(task, completed=done, total=total))
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.callbacks.checkpointing import PREVIOUS_LAST
 from sd_lightning.callbacks.data_epoch import RunConfigCallback
+from sd_lightning.callbacks.progress import FitTimeCallback, format_duration
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
 from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
 from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
@@ -132,6 +135,40 @@ def _sweep_grouping(cfg: DictConfig) -> dict[str, str]:
     return {"group": group, "name": hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}", "tags": tags}
 
 
+@dataclass
+class Run:
+    """What ``sdl-train`` fits: the pieces of one run, built the same way for training and for ``estimate=true``."""
+
+    datamodule: L.LightningDataModule
+    model: L.LightningModule
+    callbacks: list[Any]
+    loggers: list[Any]
+    config: dict[str, Any]
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    """Data, model, every configured callback and logger of ``cfg``, writing into ``run_dir``."""
+    if "wandb" in (cfg.get("logger") or {}):
+        _contain_wandb(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), RunConfigCallback(run_config), FitTimeCallback()]
+    logger_cfg = cfg.get("logger") or {}
+    if "wandb" in logger_cfg:
+        logger_cfg = OmegaConf.merge(logger_cfg, {"wandb": {"id": logger_cfg.wandb.id or _wandb_run_id(run_dir),
+                                                            **_sweep_grouping(cfg)}})
+    return Run(datamodule, model, callbacks, _instantiate_all(logger_cfg), run_config)
+
+
+def log_run_config(run: Run) -> None:
+    """The whole resolved config as every logger's hyperparameters (after the Trainer exists: it sets the ranks)."""
+    for logger in run.loggers:
+        if hasattr(logger, "log_hyperparams"):
+            logger.log_hyperparams(run.config)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit the configured model; returns ``cfg.optimized_metric`` for sweepers."""
     validate_train_config(cfg)
@@ -143,43 +180,31 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if "wandb" in (cfg.get("logger") or {}):
-        _contain_wandb(run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run = build_run(cfg, run_dir)
     ckpt_path = resolve_resume(cfg, run_dir)
     if ckpt_path is not None:
-        check_resume_checkpoint(ckpt_path, model, run_dir)
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), RunConfigCallback(run_config)]
-    logger_cfg = cfg.get("logger") or {}
-    if "wandb" in logger_cfg:
-        logger_cfg = OmegaConf.merge(logger_cfg, {"wandb": {"id": logger_cfg.wandb.id or _wandb_run_id(run_dir),
-                                                            **_sweep_grouping(cfg)}})
-    loggers = _instantiate_all(logger_cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        if hasattr(logger, "log_hyperparams"):
-            logger.log_hyperparams(run_config)
+        check_resume_checkpoint(ckpt_path, run.model, run_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=run.callbacks, logger=run.loggers or False)
+    log_run_config(run)
     if trainer.is_global_zero:
         # The resolved config, code, stack, hardware and data split of this run (see evaluation/manifest.py).
-        manifest = build_manifest(run_config, datamodule)
-        log_manifest(loggers, manifest, write_manifest(manifest, run_dir))
+        manifest = build_manifest(run.config, run.datamodule)
+        log_manifest(run.loggers, manifest, write_manifest(manifest, run_dir))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    _finish_wandb(loggers)
+    started = time.perf_counter()
+    trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit_seconds = time.perf_counter() - started
+    finish_loggers(run.loggers)
 
     metric = trainer.callback_metrics.get(cfg.optimized_metric)
     if trainer.is_global_zero and not trainer.interrupted:
         if not _is_multirun():
             update_latest_link(Path(cfg.paths.latest), run_dir)
-        _print_summary(trainer, run_dir, cfg)
+        _print_summary(trainer, run_dir, cfg, fit_seconds)
     return None if metric is None else float(metric)
 
 
-def _finish_wandb(loggers: list[Any]) -> None:
+def finish_loggers(loggers: list[Any]) -> None:
     """Close the W&B run now, so its offline file is complete when train() returns (a multirun's next job
     runs in this same process, and Lightning leaves the run open until the process exits)."""
     from lightning.pytorch.loggers import WandbLogger
@@ -189,7 +214,7 @@ def _finish_wandb(loggers: list[Any]) -> None:
             logger.experiment.finish()
 
 
-def _print_summary(trainer: L.Trainer, run_dir: Path, cfg: DictConfig) -> None:
+def _print_summary(trainer: L.Trainer, run_dir: Path, cfg: DictConfig, fit_seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -207,6 +232,7 @@ def _print_summary(trainer: L.Trainer, run_dir: Path, cfg: DictConfig) -> None:
     for key in sorted(k for k in trainer.callback_metrics if k.startswith("val/") and "_t" not in k):
         table.add_row(key, f"{float(trainer.callback_metrics[key]):.6g}")
     table.add_row("steps", str(trainer.global_step))
+    table.add_row("training time (fit)", format_duration(fit_seconds))
     Console().print(table)
 
 

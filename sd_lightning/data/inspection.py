@@ -17,9 +17,11 @@ import re
 import statistics
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,9 @@ MODE_NOTES = {
     "F": "32-bit float: convert('RGB') clips values to 0..255; rescale to 8-bit",
 }
 PLAIN_MODES = frozenset({"RGB", "L"})
+# Folders smaller than this are scanned in-process (a pool's start-up would cost more than it saves).
+PARALLEL_MIN_FILES = 64
+PARALLEL_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -285,8 +290,11 @@ def _near_duplicates(records: Sequence[FileRecord], distance: int) -> list[tuple
 
 
 def scan_folder(root: str | Path, settings: InspectSettings, tokenizer: Callable[..., Any],
-                progress: Callable[[int, int], None] | None = None) -> InspectionReport:
+                progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> InspectionReport:
     """Scan ``root`` as ``ImageFolderSource(root, settings.caption_template, settings.extensions)`` reads it.
+
+    Images are decoded, hashed and phashed by ``workers`` processes (None: every core this process may use); the
+    report is the same for any number of workers.
 
     ``tokenizer`` is the model's (a Hugging Face tokenizer: captions longer than its ``model_max_length``,
     BOS/EOS included, would be silently truncated).
@@ -337,11 +345,12 @@ def scan_folder(root: str | Path, settings: InspectSettings, tokenizer: Callable
     records: list[FileRecord] = []
     scan = [(name, path, True) for name, path in targets.items()] + [(n, root / n, False) for n in unlisted]
     scan.sort(key=lambda entry: entry[0])
-    with pixel_limit(settings.max_pixels):
-        for done, (name, path, in_training) in enumerate(scan):
-            if progress is not None:
-                progress(done, len(scan))
-            records.append(_inspect_image(name, path, in_training, settings, report))
+    for done, (record, found) in enumerate(_inspect_all(scan, settings, workers)):
+        if progress is not None:
+            progress(done, len(scan))
+        for problem in found:
+            report(*problem)
+        records.append(record)
 
     token_counts = _captions(root, metadata_file, texts, records, settings, tokenizer, report)
     _duplicates([r for r in records if r.in_training], settings, report)
@@ -366,6 +375,30 @@ def scan_folder(root: str | Path, settings: InspectSettings, tokenizer: Callable
                               token_limit=limit, training_ids=training_ids)
     result.counts["excluded"] = len(result.excluded())
     return result
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _inspect_entry(entry: tuple[str, Path, bool], settings: InspectSettings) -> tuple[FileRecord, list[tuple]]:
+    """One file's record and problems; runs in a worker process, so it sets the pixel limit itself."""
+    name, path, in_training = entry
+    found: list[tuple] = []
+    with pixel_limit(settings.max_pixels):
+        record = _inspect_image(name, path, in_training, settings, lambda *problem: found.append(problem))
+    return record, found
+
+
+def _inspect_all(scan: Sequence[tuple[str, Path, bool]], settings: InspectSettings,
+                 workers: int | None) -> Iterator[tuple[FileRecord, list[tuple]]]:
+    """Every file's (record, problems) in ``scan`` order; a process pool for folders worth its start-up."""
+    workers = available_cores() if workers is None else max(1, int(workers))
+    if workers == 1 or len(scan) < PARALLEL_MIN_FILES:
+        yield from (_inspect_entry(entry, settings) for entry in scan)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(scan))) as pool:
+        yield from pool.map(partial(_inspect_entry, settings=settings), scan, chunksize=PARALLEL_CHUNK)
 
 
 def _inspect_image(name: str, path: Path, in_training: bool, settings: InspectSettings,

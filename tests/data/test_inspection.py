@@ -315,3 +315,21 @@ def test_fuzzed_image_bytes_and_captions_never_crash_inspection_or_training_data
     batch_size = min(4, len(files))  # the loader shrinks the batch to a data set smaller than it
     assert seen + skipped == batch_size * (len(files) // batch_size)  # drop_last: full batches, each item used or skipped
     assert tree_digest(root) == before
+
+
+def test_a_process_pool_writes_the_same_report_as_one_process(tmp_path, tokenizer, monkeypatch):
+    import sd_lightning.data.inspection as inspection
+
+    root, _ = build_messy_folder(tmp_path)
+    for i in range(inspection.PARALLEL_MIN_FILES):  # enough files for the pool (unlisted: scanned, not trained)
+        _save(root / "many" / f"{i:03d}.png", Image.fromarray(_field(100 + i // 2 * 2, (40, 40))))
+    pools = []
+    real_pool = inspection.ProcessPoolExecutor
+    monkeypatch.setattr(inspection, "ProcessPoolExecutor", lambda **kw: pools.append(kw) or real_pool(**kw))
+    serial = scan_folder(root, SETTINGS, tokenizer, workers=1).to_dict()
+    assert not pools
+    parallel = scan_folder(root, SETTINGS, tokenizer, workers=2).to_dict()
+    assert [kw["max_workers"] for kw in pools] == [2]  # the pool really ran
+    serial.pop("created"), parallel.pop("created")
+    assert parallel == serial
+    assert serial["problem_counts"]["no_metadata_row"]["count"] >= inspection.PARALLEL_MIN_FILES  # decoded too

@@ -97,6 +97,8 @@ def test_short_run_lowers_validation_mse_and_logs_all_metrics(tmp_path, digits_v
     last = values.iloc[-1]
     assert last["val/rmse"] == pytest.approx(last["val/mse"] ** 0.5, rel=1e-5)
     assert (run_dir / "samples").is_dir() and any((run_dir / "samples").glob("*.png"))
+    fit = pd.read_csv(run_dir / "csv" / "metrics.csv")["time/fit_seconds"].dropna()
+    assert len(fit) == 1 and 1.0 < fit.iloc[0] < 600  # the fit's wall time, what estimate=true predicts
 
 
 def _validate(cfg, ckpt: Path, batch_size: int) -> dict[str, float]:
