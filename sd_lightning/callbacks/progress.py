@@ -211,10 +211,6 @@ class _Clocked:
         super().on_train_start(trainer, pl_module)
         self.clock.on_train_start(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.clock.on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.clock.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -9,7 +9,6 @@ Nothing of a real run is created or touched.
 
 from __future__ import annotations
 
-import logging
 import resource
 import sys
 import tempfile
@@ -22,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.callbacks.progress import RunClock, Schedule, format_duration
 
-log = logging.getLogger("sd_lightning")
 WARMUP_STEPS = 3
 # Epochs up to this many steps are crossed once while timing, so their boundary cost is measured.
 MAX_TIMED_EPOCH = 200
