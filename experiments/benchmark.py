@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-PROTOCOL = "@@BENCH "
+sys.path.insert(0, str(ROOT / "experiments" / "benchmark"))  # the workers, the floor and the estimate row
+
+from workers import PROTOCOL, worker_main  # noqa: E402
 
 
 # ============================================================================================ settings
@@ -50,12 +50,16 @@ class Mode:
     sample_steps: int
     matmul_n: int
     compile_backend: str
+    # The overhead rows compare small differences: longer blocks (epoch boundaries and logging steps fall inside
+    # them as often as in a run) and more repetitions than the knob rows.
+    overhead_block: int
+    overhead_reps: int
 
 
 QUICK = Mode("quick", batch_size=8, warmup=3, block=3, reps=3, sample_batch=4, sample_steps=5, matmul_n=1024,
-             compile_backend="eager")
+             compile_backend="eager", overhead_block=3, overhead_reps=3)
 FULL = Mode("full", batch_size=32, warmup=5, block=5, reps=4, sample_batch=16, sample_steps=20, matmul_n=2048,
-            compile_backend="inductor")
+            compile_backend="inductor", overhead_block=50, overhead_reps=8)
 
 
 def spec(kind: str, *overrides: str, **options: Any) -> dict[str, Any]:
@@ -83,7 +87,13 @@ def build_rows(mode: Mode) -> list[Row]:
     b, k, r = mode.batch_size, mode.block, mode.reps
     rows = [
         Row("overhead", "Lightning Trainer step vs a plain PyTorch loop doing the same step math (goal: within 3%)",
-            [("plain PyTorch loop", plain), ("sd_lightning (L.Trainer)", lightning)], k, r),
+            [("plain PyTorch loop", plain), ("sd_lightning (L.Trainer)", lightning)], mode.overhead_block,
+            mode.overhead_reps),
+        Row("overhead_sdl_train", "the real sdl-train loop (build_run: every default callback and logger, W&B offline + "
+                                  "CSV, EMA, checkpoints, progress, guards; validation excluded) vs the plain PyTorch "
+                                  "loop (goal: within 5%)",
+            [("plain PyTorch loop", plain), ("sdl-train loop", spec("sdl_train", batch))], mode.overhead_block,
+            mode.overhead_reps),
         Row("adamw_fused", "AdamW fused=True vs the for-loop implementation (fused=False on CPU)",
             [("AdamW fused", lightning), ("AdamW for-loop", spec("lightning", batch, "optimizer.fused=false"))], k, r),
         # bf16 autocast is emulated on CPUs without bf16 instructions: few, small steps.
@@ -123,6 +133,9 @@ def build_rows(mode: Mode) -> list[Row]:
             [("1 process", lightning),
              ("ddp x2", spec("lightning", batch, "trainer.strategy=ddp", "trainer.devices=2",
                              "trainer.accelerator=cpu"))], k, r, samples_per_unit=[b, 2 * b]),
+        # Not A/B blocks: whole sdl-train runs (estimate=true, then the real run), see benchmark/estimate_vs_actual.py.
+        Row("estimate", "estimate=true's projected duration ÷ the real sdl-train run's fit time (goal: within ±15%)",
+            [], 0, 1, unit="run"),
     ]
     for row in rows:
         if not row.samples_per_unit:
@@ -137,307 +150,6 @@ def _override(config: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-# ============================================================================================== worker
-class Channel:
-    """The worker's side of the protocol: report the last block's time, then wait for the next command."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.started: float | None = None
-        self.ready_info: dict[str, Any] = {}
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.out.write(PROTOCOL + json.dumps(message) + "\n")
-        self.out.flush()
-
-    def boundary(self) -> int | None:
-        """Units to run next (None: finish)."""
-        now = time.perf_counter()
-        if self.started is None:
-            self.send({"ready": True, **self.ready_info})
-        else:
-            self.send({"seconds": now - self.started})
-        command = json.loads(sys.stdin.readline() or '{"cmd": "finish"}')
-        self.started = time.perf_counter()
-        return int(command["units"]) if command["cmd"] == "run" else None
-
-
-def peak_rss() -> dict[str, float]:
-    """Peak resident set size of this process and of its waited-for children (data-loader workers), in MiB."""
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
-
-
-def compose_config(overrides: list[str], run_dir: Path) -> Any:
-    from hydra import compose, initialize_config_dir
-
-    from sd_lightning.cli.config import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"paths.run_dir={run_dir}", f"paths.output_root={run_dir.parent}",
-                                           "logger=csv", *overrides])
-
-
-def apply_unet_option(unet: Any, option: str | None, info: dict[str, Any]) -> None:
-    """channels_last or torch.compile (in place, so parameter names and the optimizer are unchanged)."""
-    import torch
-
-    if option == "channels_last":
-        unet.to(memory_format=torch.channels_last)
-    elif option and option.startswith("compile:"):
-        unet.compile(backend=option.split(":", 1)[1])
-        info["compile_backend"] = option.split(":", 1)[1]
-
-
-def write_image_folder(root: Path, size: int, count: int = 400) -> Path:
-    """``count`` digits as ``size``-pixel PNGs in class folders (captions from the folder names), like a user's folder."""
-    from sd_lightning.data.sources import DigitsSource
-
-    source = DigitsSource(size=size, limit=count)
-    for index, item in enumerate(source.items):
-        folder = root / str(item.label).replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        source.load_image(index).save(folder / f"{index:05d}.png")
-    return root
-
-
-def run_lightning(config: dict[str, Any], channel: Channel | None, budget: int, scratch: Path) -> dict[str, Any]:
-    """A real L.Trainer fit of LatentDiffusionModule built from the Hydra config, as sdl-train builds it."""
-    import lightning as L
-    from hydra.utils import instantiate
-
-    overrides = list(config["overrides"])
-    if config.get("image_folder"):
-        size = int(config["image_folder"])
-        folder = write_image_folder(scratch / "images", size)
-        overrides += ["data=imagefolder", f"data.root={folder}", f"data.resolution={size}"]
-    cfg = compose_config(overrides, scratch / "run")
-    info: dict[str, Any] = {}
-    if config.get("cache"):
-        from omegaconf import OmegaConf
-
-        from sd_lightning.data.cache import build_cache
-
-        started = time.perf_counter()
-        OmegaConf.update(cfg, "data.cache", str(scratch / "cache"))
-        build_cache(cfg)  # seeds and builds the model as below, so the cache matches its random VAE
-        info["cache_build_seconds"] = time.perf_counter() - started
-    L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    apply_unet_option(model.denoiser.model, config.get("unet"), info)
-    warmup = int(config["warmup"])
-
-    class BlockController(L.Callback):
-        """Holds the loop at block boundaries until the parent says go (rank 0; other ranks follow via DDP)."""
-
-        def __init__(self) -> None:
-            self.next_boundary = warmup
-            self.fit_started = 0.0
-
-        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self.fit_started = time.perf_counter()
-
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                 batch_idx: int) -> None:
-            if channel is None or trainer.global_step != self.next_boundary:
-                return
-            if channel.started is None:
-                channel.ready_info = {**info, "warmup_seconds": time.perf_counter() - self.fit_started,
-                                      "torch_threads": __import__("torch").get_num_threads(),
-                                      "world_size": trainer.world_size}
-            units = channel.boundary()
-            self.next_boundary = math.inf if units is None else self.next_boundary + units
-
-    info["rss_before_fit_mib"] = peak_rss()["peak_rss_mib"]  # parts built; the rest of the peak is training
-    trainer = instantiate(cfg.trainer, max_steps=warmup + budget + 1, callbacks=[BlockController()], logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                          limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=datamodule)
-    return {"global_step": trainer.global_step}
-
-
-def run_plain(config: dict[str, Any], channel: Channel, scratch: Path) -> dict[str, Any]:
-    """The reference: the same parts, data, optimizer and schedule, and the module's step math, without Lightning.
-
-    encode (VAE posterior sample) → condition dropout → prompt embeddings (memoized, as the module does for a
-    frozen text encoder) → noise → timesteps → add noise → UNet → v-prediction target → MSE → backward → step.
-    """
-    import lightning as L
-    import torch
-    import torch.nn.functional as F
-    from hydra.utils import instantiate
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from sd_lightning.optim import configure_optimization
-
-    cfg = compose_config(config["overrides"], scratch / "run")
-    L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    components = instantiate(cfg.model.components)
-    unet, vae = components.denoiser.model, components.vae
-    text_encoder, tokenizer = components.conditioner.text_encoder, components.conditioner.tokenizer
-    # The module's training schedule: the objective's own DDPM scheduler.
-    scheduler = instantiate(cfg.objective).scheduler
-    if scheduler.config.prediction_type != "v_prediction":
-        raise ValueError("the reference loop implements objective=v_prediction only")
-    vae.requires_grad_(False).eval()
-    text_encoder.requires_grad_(False).eval()
-    unet.train()
-    apply_unet_option(unet, config.get("unet"), {})
-    warmup = int(config["warmup"])
-    optimization = configure_optimization(instantiate(cfg.optimizer), instantiate(cfg.lr_scheduler),
-                                          list(unet.parameters()), warmup + 100_000)
-    optimizer = optimization["optimizer"] if isinstance(optimization, dict) else optimization
-    lr_scheduler = optimization["lr_scheduler"]["scheduler"] if isinstance(optimization, dict) else None
-    scale = float(vae.config.scaling_factor)
-    cond_drop = float(cfg.model.components.conditioner.drop_prob)
-    num_timesteps = int(scheduler.config.num_train_timesteps)
-    prompt_cache: dict[str, torch.Tensor] = {}
-
-    def embed(prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in prompt_cache]
-        if missing:
-            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            with torch.no_grad():
-                prompt_cache.update(zip(missing, text_encoder(ids)[0]))
-        return torch.stack([prompt_cache[p] for p in prompts])
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        """(VAE posterior mean, std, prompts) of each batch of the module's training loader, epoch after epoch."""
-        loader = datamodule.train_dataloader()
-        while True:
-            for batch in loader:
-                with torch.no_grad():
-                    posterior = vae.encode(batch["pixel_values"]).latent_dist
-                yield posterior.mean, posterior.std, batch["prompt"]
-
-    def step(mean: torch.Tensor, std: torch.Tensor, prompts: list[str], number: int) -> None:
-        generator = torch.Generator().manual_seed(number)
-        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
-        keep = torch.rand(len(prompts), generator=generator) >= cond_drop
-        encoder_hidden_states = embed([p if k else "" for p, k in zip(prompts, keep.tolist())])
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        model_output = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        target = scheduler.get_velocity(latents, noise, timesteps)
-        loss = F.mse_loss(model_output, target, reduction="none").mean(dim=(1, 2, 3)).mean()
-        loss.backward()
-        optimizer.step()
-        if lr_scheduler is not None:
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    rss_before_fit = peak_rss()["peak_rss_mib"]
-    started = time.perf_counter()
-    stream = batches()
-    for number in range(warmup):
-        step(*next(stream), number)
-    with FlopCounterMode(display=False) as counter:
-        step(*next(stream), warmup)
-    channel.ready_info = {"flops_per_step": counter.get_total_flops(), "torch_threads": torch.get_num_threads(),
-                          "warmup_seconds": time.perf_counter() - started, "rss_before_fit_mib": rss_before_fit}
-    number = warmup + 1
-    while True:
-        batch = next(stream)
-        units = channel.boundary()
-        if units is None:
-            return {}
-        step(*batch, number)
-        number += 1
-        for _ in range(units - 1):
-            step(*next(stream), number)
-            number += 1
-
-
-def run_sampling(config: dict[str, Any], channel: Channel, scratch: Path) -> dict[str, Any]:
-    """Images from random-init weights: sd_lightning's pipeline + generate() or a hand-built diffusers pipeline."""
-    import lightning as L
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from hydra.utils import instantiate
-
-    from sd_lightning.diffusion.sampling import generate
-
-    cfg = compose_config(config["overrides"], scratch / "run")
-    L.seed_everything(int(cfg.seed), workers=True)
-    model = instantiate(cfg.model).eval()
-    sdl_pipeline = model.build_pipeline("ddim")
-    prompts = [list(cfg.sample_prompts)[i % 10] for i in range(int(config["batch"]))]
-    steps, guidance = int(config["steps"]), float(cfg.sampling.guidance_scale)
-    if config["kind"] == "sample_sdl":
-        def call() -> None:
-            generate(sdl_pipeline, prompts, seed=0, steps=steps, guidance_scale=guidance, batch_size=len(prompts))
-    else:
-        pipeline = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.denoiser.model,
-            scheduler=type(sdl_pipeline.scheduler).from_config(sdl_pipeline.scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipeline.set_progress_bar_config(disable=True)
-
-        def call() -> None:
-            pipeline(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance,
-                     generator=torch.Generator().manual_seed(0), output_type="pil")
-    sdl_pipeline.set_progress_bar_config(disable=True)
-    started = time.perf_counter()
-    with torch.no_grad():
-        call()
-        channel.ready_info = {"warmup_seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
-        while (units := channel.boundary()) is not None:
-            for _ in range(units):
-                call()
-    return {}
-
-
-def run_matmul(config: dict[str, Any], channel: Channel) -> dict[str, Any]:
-    """The machine's fp32 matmul throughput: one unit is an n×n @ n×n product (2n³ FLOPs)."""
-    import torch
-
-    n = int(config["n"])
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    channel.ready_info = {"flops_per_unit": 2 * n**3, "torch_threads": torch.get_num_threads()}
-    while (units := channel.boundary()) is not None:
-        for _ in range(units):
-            a @ b
-    return {}
-
-
-def worker_main(config: dict[str, Any]) -> None:
-    """Entry of a worker subprocess; protocol lines go to the real stdout, everything else to stderr."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # library prints must not mix into the protocol
-    channel = Channel(out) if rank == 0 else None
-    if config.get("threads") and "LOCAL_RANK" not in os.environ:
-        import torch
-
-        torch.set_num_threads(int(config["threads"]))
-    with tempfile.TemporaryDirectory(prefix="sdl-bench-") as scratch:
-        kind = config["kind"]
-        if kind == "lightning":
-            result = run_lightning(config, channel, int(config["budget"]), Path(scratch))
-        elif kind == "plain":
-            result = run_plain(config, channel, Path(scratch))
-        elif kind in ("sample_sdl", "sample_diffusers"):
-            result = run_sampling(config, channel, Path(scratch))
-        elif kind == "matmul":
-            result = run_matmul(config, channel)
-        else:
-            raise ValueError(f"unknown worker kind {kind!r}")
-    if channel is not None:
-        channel.send({"done": True, **result, **peak_rss()})
-
-
 # ============================================================================================== parent
 class Worker:
     """A configuration's subprocess; ``run`` asks it for a block and returns the block's seconds."""
@@ -446,7 +158,9 @@ class Worker:
         self.config = config
         self.log_path = log_dir / f"worker{index}_{config['kind']}.log"
         self.log = self.log_path.open("w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+        # The sdl-train loop logs as sdl-train does (W&B offline); the other kinds have no W&B logger.
+        wandb_mode = "offline" if config["kind"] == "sdl_train" else "disabled"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": wandb_mode, "HF_HUB_OFFLINE": "1"}
         self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env=env, cwd=ROOT)
@@ -584,6 +298,12 @@ def run_benchmark(mode: Mode, only: list[str] | None, threads: int | None = None
                 workers[_key(config)] = Worker(full, Path(logs), len(workers))
             for config in new:
                 workers[_key(config)].wait_ready()
+            if row.name == "estimate":
+                from estimate_vs_actual import benchmark_row
+
+                progress(f"[{time.perf_counter() - started:5.0f}s] estimate: estimate=true, then the real run")
+                results[row.name] = benchmark_row(quick=mode.name == "quick")
+                continue
             progress(f"[{time.perf_counter() - started:5.0f}s] {row.name}: {len(row.configs)} configurations, "
                      f"{row.reps} x {row.block} {row.unit}s each")
             results[row.name] = run_row(row, workers)
@@ -595,7 +315,9 @@ def run_benchmark(mode: Mode, only: list[str] | None, threads: int | None = None
                     entry["status"] = f"failed: {workers[_key(config)].error}"
     info["load_average_end"] = os.getloadavg()
     overhead = results.get("overhead", {}).get("configs", [{}, {}])[1].get("time_ratio_vs_baseline")
-    return {"mode": mode.name, "settings": {**mode.__dict__, "threads": threads}, "machine": info, "seconds_total": time.perf_counter() - started,
+    loop = results.get("overhead_sdl_train", {}).get("configs", [{}, {}])[1].get("time_ratio_vs_baseline")
+    return {"sdl_train_loop_overhead": None if loop is None else {k: (v - 1) if k != "n" else v for k, v in loop.items()},
+            "mode": mode.name, "settings": {**mode.__dict__, "threads": threads}, "machine": info, "seconds_total": time.perf_counter() - started,
             "framework_overhead": None if overhead is None else {k: (v - 1) if k != "n" else v for k, v in overhead.items()},
             "rows": results}
 
@@ -618,6 +340,9 @@ def print_report(result: dict[str, Any]) -> None:
                    "peak RSS MiB (+ in training)", "note"):
         table.add_column(column)
     for name, row in result["rows"].items():
+        for run in row.get("runs", []):  # the estimate row: whole runs
+            table.add_row(name, run["config"], f"{run['actual_fit_seconds']:.1f} s fit (estimate {run['estimate_seconds']:.1f} s)",
+                          "-", f"estimate ÷ actual {run['estimate_over_actual']:.3f}", "-", "")
         for entry in row["configs"]:
             timing = entry.get("seconds_per_unit")
             ms = (f"{timing['median'] * 1e3:.1f} \\[{timing['min'] * 1e3:.1f}–{timing['max'] * 1e3:.1f}] / {row['unit']}"
@@ -640,8 +365,32 @@ def print_report(result: dict[str, Any]) -> None:
         console.print(f"framework overhead (sd_lightning L.Trainer step vs plain PyTorch loop): "
                       f"{overhead['median'] * 100:+.1f}% \\[{overhead['min'] * 100:+.1f}% … {overhead['max'] * 100:+.1f}%] "
                       f"over {overhead['n']} A/B repetitions (goal: within 3%)")
+    loop = result.get("sdl_train_loop_overhead")
+    if loop:
+        console.print(f"sdl-train loop overhead (every default callback and logger, validation excluded) vs the plain "
+                      f"PyTorch loop: {loop['median'] * 100:+.1f}% \\[{loop['min'] * 100:+.1f}% … {loop['max'] * 100:+.1f}%] "
+                      f"over {loop['n']} A/B repetitions (goal: within 5%)")
     console.print(f"total {result['seconds_total']:.0f} s; load average {machine['load_average_start'][0]:.1f} → "
                   f"{machine['load_average_end'][0]:.1f} (other processes compete for the {machine['cores']} cores)")
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The rows as the markdown table of experiments/benchmark/README.md."""
+    lines = ["| row | configuration | ms / unit, median [min–max] | samples/s | time ratio vs baseline, median [min–max] "
+             "| peak RSS MiB (+ in training) |", "|---|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        for run in row.get("runs", []):
+            lines.append(f"| {name} | {run['config']} | {run['actual_fit_seconds']:.1f} s fit, estimate "
+                         f"{run['estimate_seconds']:.1f} s | - | estimate ÷ actual {run['estimate_over_actual']:.3f} | - |")
+        for entry in row["configs"]:
+            timing, ratio = entry.get("seconds_per_unit"), entry.get("time_ratio_vs_baseline")
+            ms = f"{timing['median'] * 1e3:.1f} [{timing['min'] * 1e3:.1f}–{timing['max'] * 1e3:.1f}] / {row['unit']}" if timing else "-"
+            rss, before = entry["worker"].get("peak_rss_mib"), entry["worker"].get("rss_before_fit_mib")
+            label = entry["label"] + (" (baseline)" if entry is row["configs"][0] else "")
+            lines.append(f"| {name} | {label} | {ms} | {entry.get('samples_per_second', 0):.1f} | "
+                         + (f"{ratio['median']:.3f} [{ratio['min']:.3f}–{ratio['max']:.3f}]" if ratio else "-") + " | "
+                         + (f"{rss:.0f}" + (f" (+{rss - before:.0f})" if before else "") if rss else "-") + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -652,8 +401,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON file (default experiments/results/benchmark_<quick|full>.json)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: torch's, one per core; ddp sets its own)")
+    parser.add_argument("--markdown", type=Path, default=None, help="print the markdown table of a results JSON and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return
     if args.worker:
         worker_main(json.loads(args.worker))
         return

@@ -48,12 +48,12 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
 
 @pytest.fixture(scope="session")
 def digits_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A VAE trained briefly on the digits (stage 1), saved with its data-derived scaling factor."""
+    """The digits VAE as `make train` trains it (stage 1: experiment=digits_autoencoder), with its data-derived
+    scaling factor."""
     from sd_lightning.cli.train import train
 
     run_dir = tmp_path_factory.mktemp("vae") / "run"
-    cfg = compose_train(run_dir, ["experiment=digits_autoencoder", "trainer.max_steps=400",
-                                  "trainer.check_val_every_n_epoch=4", *FAST[:3]])
+    cfg = compose_train(run_dir, ["experiment=digits_autoencoder", *FAST[:3]])
     train(cfg)
     assert (run_dir / "vae" / "config.json").is_file()
     return run_dir / "vae"

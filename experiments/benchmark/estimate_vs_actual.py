@@ -22,6 +22,10 @@ import pandas as pd
 
 BIN = Path(sys.executable).parent
 QUIET = ["callbacks.progress.interactive=false"]  # plain progress lines, as in any log
+# --quick (the CI test of the benchmark): a short VAE and diffusion run, validation twice, same code paths.
+QUICK_VAE = ["trainer.max_steps=30"]
+QUICK_CONFIGS = {"digits, 100 steps, validation every epoch": ["experiment=digits", "trainer.max_steps=100",
+                                                              "trainer.check_val_every_n_epoch=1"]}
 CONFIGS = {
     # The default diffusion stage (`make train`'s second command), with its loggers and callbacks.
     "digits (default)": ["experiment=digits"],
@@ -67,18 +71,31 @@ def measure(name: str, overrides: list[str], work: Path, vae: Path) -> dict[str,
                                                    "startup_seconds")}}
 
 
+def run_configs(configs: dict[str, list[str]], vae: list[str]) -> list[dict[str, object]]:
+    """Train the VAE the configs encode with (untimed), then estimate and really run each config."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sdl-estimate-bench-") as tmp:
+        work = Path(tmp)
+        _run([str(BIN / "sdl-train"), "experiment=digits_autoencoder", *vae, *QUIET, f"paths.run_dir={work / 'vae_run'}"],
+             work)
+        for name, overrides in configs.items():
+            rows.append(measure(name, overrides, work, work / "vae_run" / "vae"))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "estimate"}), flush=True)
+    return rows
+
+
+def benchmark_row(quick: bool) -> dict[str, object]:
+    """The ``estimate`` row of experiments/benchmark.py."""
+    runs = run_configs(QUICK_CONFIGS, QUICK_VAE) if quick else run_configs(CONFIGS, [])
+    return {"question": "estimate=true's projected duration ÷ the real run's fit time", "unit": "run",
+            "configs": [], "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("estimate.json"))
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="sdl-estimate-bench-") as tmp:
-        work = Path(tmp)
-        _run([str(BIN / "sdl-train"), "experiment=digits_autoencoder", *QUIET, f"paths.run_dir={work / 'vae_run'}"],
-             work)
-        for name, overrides in CONFIGS.items():
-            rows.append(measure(name, overrides, work, work / "vae_run" / "vae"))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "estimate"}), flush=True)
+    rows = run_configs(CONFIGS, [])
     args.out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(),
                                                 "python": platform.python_version()}, "rows": rows}, indent=2) + "\n")
     print(f"{'config':48s} {'estimate':>9s} {'actual':>9s} {'ratio':>6s}")

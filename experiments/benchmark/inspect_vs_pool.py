@@ -41,7 +41,8 @@ print(json.dumps({"seconds": seconds, "files": len(results), "peak_rss_mib": rss
 
 SCAN = """
 import json, resource, sys, time
-from sd_lightning.data.inspection import InspectSettings, scan_folder
+from sd_lightning.data.inspection import scan_folder
+from sd_lightning.data.report import InspectSettings
 from sd_lightning.models.tokenizer import load_tiny_tokenizer
 
 tokenizer = load_tiny_tokenizer()

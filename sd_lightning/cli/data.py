@@ -20,13 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, _check_number, missing_keys, run_entry
 from sd_lightning.cli.scripts import DATA_SUBCOMMANDS
 from sd_lightning.data.cleaning import FILL_MODES, CleanResult, clean, training_overrides
-from sd_lightning.data.inspection import (
+from sd_lightning.data.inspection import scan_folder
+from sd_lightning.data.report import (
     InspectionReport,
     InspectSettings,
     Reason,
     Severity,
     load_report,
-    scan_folder,
     write_report,
 )
 

@@ -96,7 +96,8 @@ def build_datamodule(cfg: DictConfig, run_config: dict | None) -> Any:
     if cfg.get("data") is not None:
         return instantiate(cfg.data)
     if run_config and run_config.get("data"):
-        return instantiate(OmegaConf.create(run_config["data"]))
+        # Evaluation reads pixels: reconstruction needs them, and a training run's latent cache may be gone.
+        return instantiate(OmegaConf.create({**run_config["data"], "cache": None}))
     raise ConfigError(f"ckpt_path={cfg.ckpt_path} carries no data config (an exported folder): choose the data to "
                       "evaluate on with data=digits or data=imagefolder data.root=DIR")
 

@@ -21,6 +21,7 @@ from sd_lightning.callbacks.checkpointing import PREVIOUS_LAST
 from sd_lightning.callbacks.data_epoch import RunConfigCallback
 from sd_lightning.callbacks.progress import FitTimeCallback, format_duration
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
+from sd_lightning.data.cache import AUTO, resolve_auto_cache
 from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
 from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
 
@@ -153,6 +154,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    if getattr(datamodule, "cache", None) == AUTO:
+        datamodule.cache = resolve_auto_cache(datamodule, model, Path(cfg.paths.output_root) / "cache")
     run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [*_instantiate_all(cfg.get("callbacks")), RunConfigCallback(run_config), FitTimeCallback()]
     logger_cfg = cfg.get("logger") or {}

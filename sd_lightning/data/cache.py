@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -59,6 +60,8 @@ CACHE_VERSION = 2
 INDEX_FILE = "index.json"
 PROMPTS_FILE = "prompts.safetensors"
 NULL_PROMPT = ""
+# data.cache=auto: sdl-train builds (or reuses) the cache of its data and encoders itself, see ``resolve_auto_cache``.
+AUTO = "auto"
 REBUILD_HINT = ("rebuild it with `sdl-data cache <the training run's data=/model= overrides> data.cache=<new folder>` "
                 "(or delete {path} and rerun that command), or train without it: data.cache=null")
 
@@ -170,15 +173,30 @@ def build_cache(cfg: Any, batch_size: int = 64, shard_size: int = 4096) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    return write_cache(target, datamodule, model, batch_size=batch_size, shard_size=shard_size)
+    return write_cache(target, datamodule, model, batch_size=batch_size, shard_size=shard_size,
+                       workers=cfg.data.get("cache_workers"))
+
+
+def cache_loader_workers(workers: int | None) -> int:
+    """Loader workers that read and preprocess images while the VAE encodes: ``None`` = one per core."""
+    from sd_lightning.data.inspection import available_cores
+
+    if workers is None:
+        return available_cores()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise CacheError(f"data.cache_workers={workers!r} must be an integer >= 0 (0 = read in the main process) or "
+                         "null (one worker per core)")
+    return workers
 
 
 def write_cache(path: str | Path, datamodule: Any, encoders: FrozenEncoders, batch_size: int = 64,
-                shard_size: int = 4096) -> Path:
+                shard_size: int = 4096, workers: int | None = 0) -> Path:
     """Encode every readable item of ``datamodule.source`` (both splits) into a new cache folder at ``path``.
 
-    An existing valid cache with the same fingerprint is reused; any other existing path is refused.
+    An existing valid cache with the same fingerprint is reused; any other existing path is refused. ``workers``:
+    loader processes decoding images (``None`` = one per core); the folder is the same for any number.
     """
+    workers = cache_loader_workers(workers)
     check_cacheable(datamodule)
     if getattr(encoders, "train_text_encoder", False):
         raise CacheError("data.cache stores frozen text-encoder outputs, but this model trains the text encoder "
@@ -200,8 +218,16 @@ def write_cache(path: str | Path, datamodule: Any, encoders: FrozenEncoders, bat
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_contents(tmp, datamodule, encoders, captions, prompts, fingerprint, batch_size, shard_size)
-        os.rename(tmp, path)
+        _write_contents(tmp, datamodule, encoders, captions, prompts, fingerprint, batch_size, shard_size, workers)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / INDEX_FILE).is_file():
+                raise
+            # Another process (a data-parallel rank with data.cache=auto) finished the same cache first.
+            shutil.rmtree(tmp, ignore_errors=True)
+            LatentCache(path).check(datamodule, encoders)
+            return path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, never a user's
         raise
@@ -210,8 +236,8 @@ def write_cache(path: str | Path, datamodule: Any, encoders: FrozenEncoders, bat
 
 
 def _write_contents(folder: Path, datamodule: Any, encoders: FrozenEncoders, captions: list[str],
-                    prompts: list[str], fingerprint: dict[str, Any], batch_size: int, shard_size: int) -> None:
-
+                    prompts: list[str], fingerprint: dict[str, Any], batch_size: int, shard_size: int,
+                    workers: int) -> None:
     source = datamodule.source
     prompt_row = {p: i for i, p in enumerate(prompts)}
     flipped = bool(datamodule.transform.random_flip)
@@ -222,8 +248,7 @@ def _write_contents(folder: Path, datamodule: Any, encoders: FrozenEncoders, cap
     save_file(states, str(folder / PROMPTS_FILE))
 
     dataset = DiffusionDataset(source, range(len(source.items)), datamodule.eval_transform, augment=False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=datamodule.num_workers,
-                        collate_fn=collate_examples)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_examples)
     shards: list[dict[str, Any]] = []
     buffer: dict[str, list[torch.Tensor]] = {}
     ids: list[str] = []
@@ -272,6 +297,30 @@ def _write_contents(folder: Path, datamodule: Any, encoders: FrozenEncoders, cap
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=1, ensure_ascii=False), encoding="utf-8")
     if skipped:
         log.warning("latent cache: %d unreadable images skipped (first: %s)", len(skipped), skipped[0])
+
+
+def resolve_auto_cache(datamodule: Any, encoders: FrozenEncoders, root: str | Path) -> str | None:
+    """``data.cache=auto``: the cache of this data, preprocessing and these encoders under ``root``, built on first use
+    and reused after (a folder per key, so other data or weights get their own); ``None`` — encode in every step —
+    when the preprocessing changes every epoch or the text encoder trains, which a cache cannot represent."""
+    try:
+        check_cacheable(datamodule)
+        if getattr(encoders, "train_text_encoder", False):
+            raise CacheError("the text encoder trains")
+    except CacheError as err:
+        log.info("data.cache=auto: encoding images and prompts in every step (%s)", str(err).split(" — ")[0])
+        return None
+    source = datamodule.source
+    captions = [datamodule.captions(item, None) or NULL_PROMPT for item in source.items]
+    key = {**model_fingerprint(encoders.vae, encoders.text_encoder, encoders.tokenizer, sorted(set(captions))),
+           "preprocessing": preprocessing_fingerprint(datamodule), "source": source.describe(),
+           "items": tensors_digest([("ids", torch.tensor([stable_seed(item.id, c) for item, c in zip(source.items, captions)]))])}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(root).expanduser() / f"{type(source).__name__.lower()}-{digest}"
+    started = time.perf_counter()
+    write_cache(path, datamodule, encoders, workers=getattr(datamodule, "cache_workers", None))
+    log.info("data.cache=auto: %s (%.1f s)", path, time.perf_counter() - started)
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------------- load

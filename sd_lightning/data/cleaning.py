@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sd_lightning.data.inspection import CAPTION_REASONS, InspectionReport
+from sd_lightning.data.report import CAPTION_REASONS, InspectionReport
 from sd_lightning.data.sources import IMAGE_EXTENSIONS, DataRootError, ImageFolderSource
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sd_lightning.data.buckets import AspectRatioBuckets, BucketSampler
-from sd_lightning.data.cache import open_cached_datasets
+from sd_lightning.data.cache import AUTO, open_cached_datasets
 from sd_lightning.data.checks import NUMBERS, data_problems, require
 from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 from sd_lightning.data.samplers import ResumableShuffleSampler, ShardedEvalSampler
@@ -66,6 +66,7 @@ class DiffusionDataModule(L.LightningDataModule):
         unlabeled: str = "null_prompt",
         max_zoom: float = 1.0,
         labeled_oversample: int = 1,
+        cache_workers: int | None = None,
     ) -> None:
         """``stateful=False`` uses a plain DataLoader, whose position a checkpoint cannot hold (a resumed
         run then sees other batches); it exists to demonstrate that, not for real runs. ``root`` is the
@@ -76,7 +77,8 @@ class DiffusionDataModule(L.LightningDataModule):
         few-image studies. ``unlabeled``: ``null_prompt`` trains items outside ``labeled_fraction`` on the null
         prompt (semi-supervised); ``drop`` leaves them out of training (the labeled-only baseline).
         ``labeled_oversample`` = k puts each labeled training item k times into every epoch (each copy with its own
-        noise and augmentation), so that a few labels are seen often enough for the condition to be learned."""
+        noise and augmentation), so that a few labels are seen often enough for the condition to be learned.
+        ``cache_workers`` is read by ``sdl-data cache`` (see ``cache.build_cache``), not by training."""
         super().__init__()
         require(data_problems({k: v for k, v in locals().items() if k in NUMBERS or k in (
             "conditioning", "unlabeled", "caption_template", "buckets", "cache", "center_crop")}))
@@ -152,6 +154,9 @@ class DiffusionDataModule(L.LightningDataModule):
                                               captions=self.captions, sizes=sizes, repeats=repeats)
         self.val_dataset = DiffusionDataset(self.source, val, self.eval_transform, self.seed, augment=False,
                                             captions=self.captions)
+        if self.cache == AUTO:
+            raise ValueError("data.cache=auto is resolved by sdl-train (cli/train.py build_run), which builds the cache "
+                             "with the model's encoders; here pass a folder written by sdl-data cache, or null")
         if self.cache:
             # cache.py builds on this module's dataset
             self.train_dataset, self.val_dataset, self.collate_fn = open_cached_datasets(self, train, val)

@@ -320,3 +320,41 @@ def test_full_digits_cache_does_the_same_steps_without_the_encoders(cache_root: 
     print(f"\nsteps/s, digits 32px, batch {plain.batch_size}, tiny model ({steps} steps each, "
           f"loading included): images {rates['images']:.2f}, cache {rates['cache']:.2f}, "
           f"ratio {rates['cache'] / rates['images']:.2f}x; cache build {build_seconds:.1f} s")
+
+
+def test_loader_workers_write_the_same_cache_as_the_main_process(cache_root: Path, digits_cache: Path) -> None:
+    """digits_cache was built with data.cache_workers=null (one loader worker per core); one process gives the
+    same index (shard sha256s included) byte for byte."""
+    serial = build_cache(_compose(cache_root, "data.cache_workers=0", f"data.cache={cache_root / 'serial'}"))
+    assert (serial / INDEX_FILE).read_bytes() == (digits_cache / INDEX_FILE).read_bytes()
+    for name in ("latents-00000.safetensors", PROMPTS_FILE):
+        assert (serial / name).read_bytes() == (digits_cache / name).read_bytes()
+    with pytest.raises(CacheError, match=r"data.cache_workers=-1 must be an integer >= 0"):
+        build_cache(_compose(cache_root, "data.cache_workers=-1", f"data.cache={cache_root / 'never'}"))
+    assert not (cache_root / "never").exists()
+
+
+def test_auto_cache_is_built_once_per_data_and_encoders_then_reused(cache_root: Path) -> None:
+    """data.cache=auto: sdl-train's build_run builds the cache under <output_root>/cache, reuses it on the next run,
+    keys it by the encoders (another seed's random text encoder gets its own), and falls back to encoding in
+    every step when the preprocessing changes every epoch."""
+    from sd_lightning.cli.train import build_run
+
+    def cache_of(*overrides: str) -> str | None:
+        run_dir = cache_root / "auto" / ("run_" + "_".join(overrides).replace("=", "-"))  # output_root: its parent
+        cfg = compose_train(run_dir, [*FAST, *LIMIT, "data.cache=auto", *overrides])
+        return build_run(cfg, run_dir).datamodule.cache
+
+    first = Path(cache_of())
+    assert first.parent == cache_root / "auto" / "cache" and (first / INDEX_FILE).is_file()
+    built = (first / INDEX_FILE).stat().st_mtime_ns
+    assert Path(cache_of("trainer.max_steps=7")) == first  # another run of the same data and model
+    assert (first / INDEX_FILE).stat().st_mtime_ns == built  # reused, not rebuilt
+    assert Path(cache_of("seed=1")) != first  # other random text-encoder weights: another cache
+    assert cache_of("augmentation=crop_flip") is None  # random crops: encoded in every step
+    assert len(list((cache_root / "auto" / "cache").iterdir())) == 2  # nothing else written there
+
+    cfg = _compose(cache_root, "data.cache=auto")
+    datamodule, _ = _build_parts(cfg)
+    with pytest.raises(ValueError, match="data.cache=auto is resolved by sdl-train"):
+        datamodule.setup("fit")

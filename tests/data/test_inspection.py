@@ -19,13 +19,13 @@ from PIL import Image
 
 from sd_lightning.data.cleaning import CleanedImageFolderSource, clean, read_caption_fills, training_overrides
 from sd_lightning.data.datamodule import DiffusionDataModule, read_exclusions
-from sd_lightning.data.inspection import (
+from sd_lightning.data.inspection import scan_folder
+from sd_lightning.data.report import (
     InspectionReport,
     InspectSettings,
     Reason,
     Severity,
     load_report,
-    scan_folder,
     write_report,
 )
 from sd_lightning.data.sources import DataRootError, ImageFolderSource

@@ -1,4 +1,9 @@
-"""experiments/benchmark.py --quick runs every comparison and reports finite, positive numbers (no timing goals)."""
+"""experiments/benchmark.py --quick runs and reports finite, positive numbers (no timing goals).
+
+CI runs the rows that cover every worker kind — Lightning, the plain floor, the real sdl-train loop, both samplers,
+the matmul reference — and the estimate row's whole runs; the other rows are the Lightning worker with config
+overrides that tests/models/test_config_groups.py trains.
+"""
 
 import importlib.util
 import json
@@ -26,18 +31,23 @@ def _positive(value) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # ~2 min on a quiet 2-core machine; >15 min when other test suites share the cores
-def test_quick_benchmark_reports_every_row(tmp_path):
+def test_quick_benchmark_reports_its_rows(tmp_path):
     output = tmp_path / "benchmark_quick.json"
+    rows = ["overhead", "overhead_sdl_train", "sampling", "mfu", "estimate"]
+    every_row = [row.name for row in _benchmark_module().build_rows(_benchmark_module().QUICK)]
+    assert set(rows) <= set(every_row)
     # One torch thread per worker: on a shared CI machine, oversubscribed OpenMP threads make steps erratic.
-    completed = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--threads", "1", "--output", str(output)],
-                               capture_output=True, text=True, timeout=1800)
+    completed = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--threads", "1", "--only", ",".join(rows),
+                                "--output", str(output)], capture_output=True, text=True, timeout=1800)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(output.read_text())
 
-    expected = [row.name for row in _benchmark_module().build_rows(_benchmark_module().QUICK)]
-    assert list(result["rows"]) == expected
+    assert list(result["rows"]) == rows
     machine = result["machine"]
     assert machine["cpu_model"] and machine["cores"] >= 1 and machine["torch"].startswith("2.")
+    (run,) = result["rows"].pop("estimate")["runs"]
+    assert all(_positive(run[k]) for k in ("estimate_seconds", "actual_fit_seconds", "estimate_over_actual"))
+    assert run["estimate"]["validations"] == 2  # 100 steps, 50 per epoch, validation every epoch
     for name, row in result["rows"].items():
         assert len(row["configs"]) >= 2, name
         for index, entry in enumerate(row["configs"]):
@@ -55,20 +65,18 @@ def test_quick_benchmark_reports_every_row(tmp_path):
     mfu = result["rows"]["mfu"]["mfu"]
     assert _positive(mfu["median"]) and mfu["median"] < 1.5  # a step cannot beat the matmul peak by much
     assert _positive(mfu["flops_per_step"])
-    # The second compile worker went through torch.compile and the first did not. --quick uses the "eager"
-    # backend (Dynamo traces the UNet, no inductor code generation), so this row does not measure compiled
-    # kernels; the full run uses inductor. The DDP row's baseline ran one process and its DDP worker two.
-    eager, compiled = (entry["worker"] for entry in result["rows"]["compile"]["configs"])
-    assert "compile_backend" not in eager
-    assert compiled["compile_backend"] == _benchmark_module().QUICK.compile_backend == "eager"
-    assert [entry["worker"]["world_size"] for entry in result["rows"]["ddp"]["configs"]] == [1, 2]
-    overhead = result["framework_overhead"]
-    assert all(math.isfinite(overhead[k]) for k in ("median", "min", "max"))
+    # The sdl-train loop ran with the default callbacks and both default loggers, as sdl-train builds them.
+    loop = result["rows"]["overhead_sdl_train"]["configs"][1]["worker"]
+    assert {"EMACallback", "ModelCheckpoint", "SampleGridCallback", "FitTimeCallback"} <= set(loop["callbacks"])
+    assert loop["loggers"] == ["ResumableCSVLogger", "WandbLogger"]
+    for key in ("framework_overhead", "sdl_train_loop_overhead"):
+        assert all(math.isfinite(result[key][k]) for k in ("median", "min", "max")), key
 
     table = completed.stdout
-    for name in expected:
+    for name in rows:
         assert name in table
     assert "framework overhead (sd_lightning L.Trainer step vs plain PyTorch loop)" in table
+    assert "sdl-train loop overhead" in table
 
 
 def test_only_rejects_unknown_rows(tmp_path):
