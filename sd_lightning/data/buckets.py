@@ -72,8 +72,8 @@ class BucketSampler(ResumableShuffleSampler):
     """
 
     def __init__(self, dataset: Dataset, bucket_ids: Sequence[int], batch_size: int, seed: int = 0,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
-        super().__init__(dataset, seed=seed, num_replicas=num_replicas, rank=rank)
+                 num_replicas: int | None = None, rank: int | None = None, stamp_epoch: bool = False) -> None:
+        super().__init__(dataset, seed=seed, num_replicas=num_replicas, rank=rank, stamp_epoch=stamp_epoch)
         if len(bucket_ids) != self.size:
             raise ValueError(f"{len(bucket_ids)} bucket ids for {self.size} samples")
         if batch_size < 1:

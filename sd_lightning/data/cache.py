@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from sd_lightning.data.datasets import DiffusionDataset, collate_examples
+from sd_lightning.data.samplers import unstamp
 from sd_lightning.data.sources import DataRootError, ImageSource
 from sd_lightning.data.split import stable_seed
 
@@ -471,7 +472,8 @@ class CachedLatentDataset(Dataset):
             self._handles[file] = safe_open(file, framework="pt")
         return self._handles[file]
 
-    def __getitem__(self, position: int) -> dict[str, Any] | None:
+    def __getitem__(self, position: int | tuple[int, int]) -> dict[str, Any] | None:
+        position, epoch = unstamp(position, self.epoch)
         item = self.source.items[self.indices[position]]
         entry = self.cache.rows.get(item.id)
         if entry is None:
@@ -480,7 +482,7 @@ class CachedLatentDataset(Dataset):
         suffix = ""
         if self.augment and self.cache.flipped:
             # ImageTransform with a center crop draws nothing before its flip: rng.random() < 0.5.
-            rng = random.Random(stable_seed(self.seed, item.id, self.epoch))
+            rng = random.Random(stable_seed(self.seed, item.id, epoch))
             suffix = "_flipped" if rng.random() < 0.5 else ""
         handle = self._handle(self.cache.shard_files[shard])
         prompts = self._handle(self.cache.prompt_file)

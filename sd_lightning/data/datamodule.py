@@ -164,7 +164,8 @@ class DiffusionDataModule(L.LightningDataModule):
                  len(excluded))
 
     def set_epoch(self, epoch: int) -> None:
-        """Vary augmentation by epoch while keeping it reproducible (workers are re-created each epoch)."""
+        """Vary augmentation by epoch while keeping it reproducible. Loader workers live across epochs: the training
+        samplers hand them the epoch with every index (``stamp_epoch``); this sets it for in-process use."""
         if self.train_dataset is not None:
             self.train_dataset.epoch = epoch
 
@@ -174,8 +175,10 @@ class DiffusionDataModule(L.LightningDataModule):
             self.train_dataset.cache.check_model(self.trainer.lightning_module)
 
     def _loader_kwargs(self) -> dict[str, Any]:
+        # Persistent: restarting the workers every epoch cost 1.2 % of a 64 px image-folder run on 2 cores
+        # (experiments/benchmark/loader_workers.py); the epoch reaches them through the samplers instead.
         return {"num_workers": self.num_workers, "collate_fn": self.collate_fn,
-                "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
+                "persistent_workers": self.num_workers > 0, "pin_memory": torch.cuda.is_available()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.train_dataset.epoch if self.train_dataset is not None else 0}
@@ -187,18 +190,19 @@ class DiffusionDataModule(L.LightningDataModule):
         self._check_cache_model()
         effective = min(self.batch_size, len(self.train_dataset))
         if self.train_bucket_ids is not None:
-            sampler = BucketSampler(self.train_dataset, self.train_bucket_ids, effective, seed=self.seed)
+            sampler = BucketSampler(self.train_dataset, self.train_bucket_ids, effective, seed=self.seed, stamp_epoch=True)
             loader = StatefulDataLoader if self.stateful else DataLoader
             return loader(self.train_dataset, batch_size=effective, sampler=sampler, drop_last=True,
                           **self._loader_kwargs())
         if not self.stateful:
+            # torch's own shuffling cannot carry the epoch: workers restart every epoch, as set_epoch needs.
             return DataLoader(self.train_dataset, batch_size=effective, shuffle=True, drop_last=self.drop_last,
                               generator=torch.Generator().manual_seed(stable_seed(self.seed, "shuffle")),
-                              **self._loader_kwargs())
+                              **{**self._loader_kwargs(), "persistent_workers": False})
         return StatefulDataLoader(
             self.train_dataset,
             batch_size=effective,
-            sampler=ResumableShuffleSampler(self.train_dataset, seed=self.seed),
+            sampler=ResumableShuffleSampler(self.train_dataset, seed=self.seed, stamp_epoch=True),
             drop_last=self.drop_last,
             **self._loader_kwargs(),
         )

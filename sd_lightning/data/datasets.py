@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from sd_lightning.data.samplers import unstamp
 from sd_lightning.data.sources import ImageSource, UnreadableImageError
 from sd_lightning.data.split import stable_seed
 from sd_lightning.data.transforms import CaptionTransform, ImageTransform
@@ -43,7 +44,8 @@ class DiffusionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices) if self.occurrences is None else len(self.occurrences)
 
-    def __getitem__(self, position: int) -> dict[str, Any] | None:
+    def __getitem__(self, position: int | tuple[int, int]) -> dict[str, Any] | None:
+        position, epoch = unstamp(position, self.epoch)
         occurrence = 0
         if self.occurrences is not None:
             position, occurrence = self.occurrences[position]
@@ -58,11 +60,11 @@ class DiffusionDataset(Dataset):
             return None
         # A repeated item's later copies get their own id, so their noise, timesteps and augmentation differ.
         sample_id = item.id if occurrence == 0 else f"{item.id}#{occurrence}"
-        rng = random.Random(stable_seed(self.seed, sample_id, self.epoch)) if self.augment else None
+        rng = random.Random(stable_seed(self.seed, sample_id, epoch)) if self.augment else None
         size = self.sizes[position] if self.sizes is not None else None
         caption = item.caption
         if self.captions is not None:
-            tag_rng = random.Random(stable_seed(self.seed, "tags", sample_id, self.epoch)) if self.augment else None
+            tag_rng = random.Random(stable_seed(self.seed, "tags", sample_id, epoch)) if self.augment else None
             caption = self.captions(item, tag_rng)
         return {"pixel_values": self.transform(image, rng, size), "prompt": caption or "", "id": sample_id}
 

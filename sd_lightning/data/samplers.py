@@ -19,7 +19,11 @@ class ResumableShuffleSampler(DistributedSampler):
     same permutation (equal shares, remainder dropped), so it is also the DDP sampler.
     """
 
-    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:
+    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int | None = None, rank: int | None = None,
+                 stamp_epoch: bool = False) -> None:
+        """``stamp_epoch``: yield ``(index, epoch)`` pairs, so that the epoch reaches datasets in loader workers that
+        live across epochs (``persistent_workers``); the datasets of ``datasets.py`` and ``cache.py`` take both forms."""
+        self.stamp_epoch = stamp_epoch
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         num_replicas = num_replicas or (torch.distributed.get_world_size() if distributed else 1)
         rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
@@ -39,10 +43,11 @@ class ResumableShuffleSampler(DistributedSampler):
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "shuffle", self.epoch))
         return torch.randperm(self.size, generator=generator)[self.rank : len(self) * self.num_replicas : self.num_replicas].tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        epoch = self.epoch
         for index in self.rank_order()[self.position :]:
             self.position += 1
-            yield index
+            yield (index, epoch) if self.stamp_epoch else index
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
@@ -50,6 +55,11 @@ class ResumableShuffleSampler(DistributedSampler):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.epoch, self.position = int(state_dict["epoch"]), int(state_dict["position"])
+
+
+def unstamp(position: int | tuple[int, int], epoch: int) -> tuple[int, int]:
+    """``(position, epoch)`` of a dataset index from a sampler with or without ``stamp_epoch``."""
+    return position if isinstance(position, tuple) else (position, epoch)
 
 
 class ShardedEvalSampler(DistributedSampler):

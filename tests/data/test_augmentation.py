@@ -64,6 +64,26 @@ def test_worker_count_does_not_change_the_augmentation(tmp_path):
     assert torch.equal(*batches)
 
 
+def test_persistent_workers_serve_every_epoch_its_own_augmentation(tmp_path):
+    """With loader workers, the same worker processes serve every epoch (no restart at epoch starts), and each
+    epoch's flips equal those of a run without workers: the sampler hands the workers the epoch with each index."""
+    def two_epochs(workers: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+        datamodule = _datamodule(tmp_path, "augmentation=flip", f"data.num_workers={workers}")
+        loader = datamodule.train_dataloader()
+        images, pids = [], []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)  # what Lightning's fit loop does at each epoch start
+            datamodule.set_epoch(epoch)  # and DataEpochCallback
+            images.append(torch.cat([b["pixel_values"] for b in loader]))
+            pids.append(sorted(w.pid for w in loader._iterator._workers) if workers else [])
+        return images, pids
+
+    (serial, _), (parallel, pids) = two_epochs(0), two_epochs(2)
+    assert not torch.equal(serial[0], serial[1])  # the flips differ by epoch
+    assert torch.equal(serial[0], parallel[0]) and torch.equal(serial[1], parallel[1])
+    assert len(pids[0]) == 2 and pids[0] == pids[1]  # the same two processes served both epochs
+
+
 def test_color_jitter_is_small_and_follows_the_rng():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(40, 215, size=(16, 16, 3), dtype=np.uint8))
