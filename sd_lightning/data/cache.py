@@ -175,7 +175,7 @@ def build_cache(cfg: Any, batch_size: int = 64, shard_size: int = 4096) -> Path:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     return write_cache(target, datamodule, model, batch_size=batch_size, shard_size=shard_size,
-                       workers=cfg.data.get("cache_workers"))
+                       workers=datamodule.cache_workers)
 
 
 def cache_loader_workers(workers: int | None) -> int:
@@ -319,7 +319,7 @@ def resolve_auto_cache(datamodule: Any, encoders: FrozenEncoders, root: str | Pa
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(root).expanduser() / f"{type(source).__name__.lower()}-{digest}"
     started = time.perf_counter()
-    write_cache(path, datamodule, encoders, workers=getattr(datamodule, "cache_workers", None))
+    write_cache(path, datamodule, encoders, workers=datamodule.cache_workers)
     log.info("data.cache=auto: %s (%.1f s)", path, time.perf_counter() - started)
     return str(path)
 

@@ -78,7 +78,7 @@ class DiffusionDataModule(L.LightningDataModule):
         prompt (semi-supervised); ``drop`` leaves them out of training (the labeled-only baseline).
         ``labeled_oversample`` = k puts each labeled training item k times into every epoch (each copy with its own
         noise and augmentation), so that a few labels are seen often enough for the condition to be learned.
-        ``cache_workers`` is read by ``sdl-data cache`` (see ``cache.build_cache``), not by training."""
+        ``cache_workers``: loader workers of a cache build (``sdl-data cache``, ``data.cache=auto``), not of training."""
         super().__init__()
         require(data_problems({k: v for k, v in locals().items() if k in NUMBERS or k in (
             "conditioning", "unlabeled", "caption_template", "buckets", "cache", "center_crop")}))
@@ -101,6 +101,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.sample_prompts = list(sample_prompts)
         self.stateful = stateful
         self.cache = cache
+        self.cache_workers = cache_workers
         self.train_fraction = train_fraction
         self.unlabeled = unlabeled
         self.labeled_oversample = labeled_oversample
