@@ -39,6 +39,15 @@ def compose_train(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny steps: one thread avoids oversubscribing a shared 2-core machine (measured 30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
     def make(*overrides: str, run: str = "run") -> DictConfig:
         return compose_train(tmp_path / run, overrides)

@@ -56,11 +56,15 @@ def fit_seconds(run_dir: Path) -> float | None:
     return float(values[-1]) if values else None
 
 
-def run_seed(seed: int, vae: list[str], diffusion: list[str], guidance: list[float | None], root: Path) -> list[dict]:
+def run_seed(seed: int, vae: list[str], diffusion: list[str], guidance: list[float | None], root: Path,
+             stages: tuple[str, str] = ("digits_autoencoder", "digits")) -> list[dict]:
+    """``stages``: the two experiments (each run's name is its experiment's ``name``, as the configs set it)."""
     common = [f"paths.output_root={root}", f"seed={seed}"]
-    vae_seconds = timed([str(BIN / "sdl-train"), "experiment=digits_autoencoder", *common, *vae], root / "vae.log")
-    diffusion_seconds = timed([str(BIN / "sdl-train"), "experiment=digits", *common, *diffusion], root / "digits.log")
-    run_dir = (root / "digits" / "latest").resolve()
+    vae_stage, diffusion_stage = stages
+    vae_seconds = timed([str(BIN / "sdl-train"), f"experiment={vae_stage}", *common, *vae], root / "vae.log")
+    diffusion_seconds = timed([str(BIN / "sdl-train"), f"experiment={diffusion_stage}", *common, *diffusion],
+                              root / "digits.log")
+    run_dir = (root / diffusion_stage / "latest").resolve()
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     eval_dir = root / "eval"
     subprocess.run([str(BIN / "sdl-eval"), f"ckpt_path={ckpt}", f"out_dir={eval_dir}", "eval.validate=false",
@@ -72,7 +76,7 @@ def run_seed(seed: int, vae: list[str], diffusion: list[str], guidance: list[flo
         result = measure(ckpt, guidance=scale)
         rows.append({"seed": seed, "vae_seconds": round(vae_seconds, 1), "diffusion_seconds": round(diffusion_seconds, 1),
                      "training_seconds": round(vae_seconds + diffusion_seconds, 1),
-                     "vae_fit_seconds": fit_seconds((root / "digits_autoencoder" / "latest").resolve()),
+                     "vae_fit_seconds": fit_seconds((root / vae_stage / "latest").resolve()),
                      "diffusion_fit_seconds": fit_seconds(run_dir), "guidance_scale": result["sampling"]["guidance_scale"],
                      "accuracy": result["accuracy"], "diversity": result["diversity"],
                      "fid_at_stored_guidance": fid, "hardware": result["hardware"]})
@@ -88,13 +92,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=HERE / "results.jsonl")
     parser.add_argument("--keep", type=Path, default=None, help="train in <keep>/seed<k> and keep it (default: a temp folder)")
+    parser.add_argument("--stages", nargs=2, default=["digits_autoencoder", "digits"], metavar=("VAE", "DIFFUSION"),
+                        help="the two experiments (e.g. digits_sd3_autoencoder digits_sd3)")
     args = parser.parse_args()
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="sdl-ttq-") as tmp:
             root = Path(tmp) if args.keep is None else args.keep / f"seed{seed}"
             root.mkdir(parents=True, exist_ok=False)
-            for row in run_seed(seed, args.vae, args.diffusion, args.guidance, root):
-                row = {"recipe": args.name, "vae_overrides": args.vae, "diffusion_overrides": args.diffusion, **row}
+            for row in run_seed(seed, args.vae, args.diffusion, args.guidance, root, tuple(args.stages)):
+                row = {"recipe": args.name, "stages": args.stages, "vae_overrides": args.vae,
+                       "diffusion_overrides": args.diffusion, **row}
                 print(json.dumps(row), flush=True)
                 with args.out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")

@@ -46,10 +46,8 @@ def _check_number(problems: list[str], cfg: DictConfig, key: str, kind: type, lo
 
 
 def check_sampling(problems: list[str], cfg: DictConfig, prefix: str = "sampling.", optional: bool = False) -> None:
-    scheduler = _get(cfg, f"{prefix}scheduler")
-    if scheduler is None and not optional:
-        problems.append(f"{prefix}scheduler is required")
-    elif scheduler is not None and scheduler not in (*SAMPLING_SCHEDULERS, *FLOW_SCHEDULERS):
+    scheduler = _get(cfg, f"{prefix}scheduler")  # null: the objective's default sampler
+    if scheduler is not None and scheduler not in (*SAMPLING_SCHEDULERS, *FLOW_SCHEDULERS):
         problems.append(f"{prefix}scheduler={scheduler!r} must be one of {sorted((*SAMPLING_SCHEDULERS, *FLOW_SCHEDULERS))}")
     _check_number(problems, cfg, f"{prefix}steps", int, 1, 1000, optional=optional)
     _check_number(problems, cfg, f"{prefix}guidance_scale", float, 0.0, 100.0, optional=optional)
@@ -129,12 +127,13 @@ def user_error(err: BaseException) -> BaseException | None:
     """The user-facing cause inside an exception chain (Hydra wraps errors raised while instantiating)."""
     from sd_lightning.callbacks.nonfinite import NonFiniteTrainingError
     from sd_lightning.data.sources import DataRootError
-    from sd_lightning.models.builders import MissingModelError
     from sd_lightning.models.checkpoint_io import CheckpointError
+    from sd_lightning.models.families import MissingModelError, UnsupportedModelError
 
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, (ConfigError, MissingModelError, DataRootError, CheckpointError, NonFiniteTrainingError)):
+        if isinstance(seen, (ConfigError, MissingModelError, UnsupportedModelError, DataRootError, CheckpointError,
+                             NonFiniteTrainingError)):
             return seen
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             return OSError(

@@ -33,8 +33,7 @@ from sd_lightning.diffusion.objectives import objective_from_scheduler_config
 from sd_lightning.diffusion.sampling import DEFAULT_GUIDANCE_SCALE, generate, make_grid
 from sd_lightning.models.builders import DiffusionComponents
 from sd_lightning.models.checkpoint_io import RUN_CONFIG_KEY, components_from_checkpoint, load_checkpoint
-from sd_lightning.models.conditioners import TextConditioner
-from sd_lightning.models.denoisers import UNetDenoiser
+from sd_lightning.models.families import FAMILIES
 from sd_lightning.models.pipelines import build_pipeline, load_pipeline
 
 log = logging.getLogger("sd_lightning")
@@ -77,8 +76,8 @@ def load_model(source: str, use_ema: bool = True, scheduler: str | None = None) 
     run_config = None
     if path.is_dir():
         pipeline, sampling = load_pipeline(path, scheduler=scheduler)
-        conditioner = TextConditioner(pipeline.tokenizer, pipeline.text_encoder, drop_prob=0.0)
-        components = DiffusionComponents(UNetDenoiser(pipeline.unet), pipeline.vae, conditioner)
+        denoiser, vae, conditioner = FAMILIES[type(pipeline).__name__].components(pipeline, {"drop_prob": 0.0})
+        components = DiffusionComponents(denoiser, vae, conditioner)
         objective = objective_from_scheduler_config(dict(pipeline.scheduler.config), str(path))
     else:
         components, objective, sampling = components_from_checkpoint(path, use_ema=use_ema)

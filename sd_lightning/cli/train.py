@@ -23,7 +23,7 @@ from sd_lightning.callbacks.progress import FitTimeCallback, format_duration
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
 from sd_lightning.data.cache import AUTO, resolve_auto_cache
 from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
-from sd_lightning.models.checkpoint_io import CheckpointError, load_checkpoint
+from sd_lightning.models.checkpoint_io import RECORD_KEY, CheckpointError, load_checkpoint
 
 log = logging.getLogger("sd_lightning")
 
@@ -91,6 +91,12 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(last)
 
 
+def family_parts(record: dict) -> dict[str, str]:
+    """What makes a checkpoint's family: its denoiser and conditioner kinds."""
+    return {"denoiser": record.get("denoiser", {}).get("kind", "?"),
+            "conditioner": record.get("conditioner", {}).get("kind", "?")}
+
+
 def check_resume_checkpoint(path: str, model: L.LightningModule, run_dir: Path) -> None:
     """Refuse a malformed checkpoint or one from another model config before Lightning touches it."""
     if path == "last":
@@ -99,6 +105,15 @@ def check_resume_checkpoint(path: str, model: L.LightningModule, run_dir: Path) 
             return
         path = str(last)
     checkpoint = load_checkpoint(path)
+    record = checkpoint.get(RECORD_KEY)
+    if isinstance(record, dict) and hasattr(model, "denoiser") and hasattr(model, "conditioner"):
+        saved = family_parts(record)
+        built = {"denoiser": model.denoiser.kind, "conditioner": model.conditioner.kind}
+        if saved != built:
+            parts = ", ".join(f"{k}: {saved[k]} in the checkpoint, {built[k]} in this config"
+                              for k in saved if saved[k] != built[k])
+            raise CheckpointError(f"ckpt_path={path} is another model family than this config builds ({parts}). "
+                                  "Resume with the model=… the checkpoint was trained with.")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
     differing = sorted(

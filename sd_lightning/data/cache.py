@@ -54,10 +54,11 @@ from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 from sd_lightning.data.samplers import unstamp
 from sd_lightning.data.sources import DataRootError, ImageSource
 from sd_lightning.data.split import stable_seed
+from sd_lightning.data.transforms import flipped_micro_conditioning
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 INDEX_FILE = "index.json"
 PROMPTS_FILE = "prompts.safetensors"
 NULL_PROMPT = ""
@@ -72,11 +73,12 @@ class CacheError(DataRootError):
 
 
 class FrozenEncoders(Protocol):
-    """What a cache build needs from a model: the frozen VAE and text encoder (LatentDiffusionModule fits)."""
+    """What a cache build needs from a model: the frozen VAE and text encoders (LatentDiffusionModule fits)."""
 
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: Any
+    text_encoders: Sequence[torch.nn.Module]
+    tokenizers: Sequence[Any]
+    conditioner_kind: str  # the conditioner's kind: how the stored states were computed from the encoders
 
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
@@ -98,16 +100,16 @@ def tokenize_for_cache(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def model_fingerprint(vae: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: Any,
-                      prompts: Sequence[str]) -> dict[str, str]:
-    """Hashes of what the stored latents and hidden states depend on (see the module docstring)."""
+def model_fingerprint(vae: torch.nn.Module, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence[Any],
+                      prompts: Sequence[str], conditioner: str = "") -> dict[str, str]:
+    """Hashes of what the stored latents and hidden states depend on (see the module docstring); the second and
+    later encoders and tokenizers of a family (SDXL, SD 3) are hashed under their position."""
     encoder_part = [(k, v) for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))]
-    ids = tokenize_for_cache(tokenizer, prompts)
-    return {
-        "vae": tensors_digest(encoder_part),
-        "text_encoder": tensors_digest(text_encoder.state_dict().items()),
-        "tokenizer": tensors_digest([(type(tokenizer).__name__, ids)]),
-    }
+    prefix = lambda i: f"{i}." if i else ""  # noqa: E731
+    encoders = [(prefix(i) + k, v) for i, e in enumerate(text_encoders) for k, v in e.state_dict().items()]
+    ids = [(prefix(i) + type(t).__name__, tokenize_for_cache(t, prompts)) for i, t in enumerate(tokenizers)]
+    return {"vae": tensors_digest(encoder_part), "text_encoder": tensors_digest(encoders),
+            "tokenizer": tensors_digest(ids), "conditioner": conditioner}
 
 
 def preprocessing_fingerprint(datamodule: Any) -> dict[str, Any]:
@@ -206,7 +208,8 @@ def write_cache(path: str | Path, datamodule: Any, encoders: FrozenEncoders, bat
     source = datamodule.source
     captions = [datamodule.captions(item, None) or NULL_PROMPT for item in source.items]
     prompts = list(dict.fromkeys([*captions, NULL_PROMPT]))
-    fingerprint = {**model_fingerprint(encoders.vae, encoders.text_encoder, encoders.tokenizer, prompts),
+    fingerprint = {**model_fingerprint(encoders.vae, encoders.text_encoders, encoders.tokenizers, prompts,
+                                       encoders.conditioner_kind),
                    "preprocessing": preprocessing_fingerprint(datamodule)}
     if path.exists():
         if (path / INDEX_FILE).is_file():
@@ -272,11 +275,15 @@ def _write_contents(folder: Path, datamodule: Any, encoders: FrozenEncoders, cap
             if not batch["id"]:
                 continue
             pixels = batch["pixel_values"].to(device)
-            variants = {"": pixels, "_flipped": pixels.flip(-1)} if flipped else {"": pixels}
-            for suffix, images in variants.items():
+            micro = batch["micro_conditioning"]
+            variants = {"": (pixels, micro)}
+            if flipped:
+                variants["_flipped"] = (pixels.flip(-1), flipped_micro_conditioning(micro))
+            for suffix, (images, micro_ids) in variants.items():
                 posterior = vae.encode(images).latent_dist
                 buffer.setdefault(f"mean{suffix}", []).append(posterior.mean.float().cpu())
                 buffer.setdefault(f"std{suffix}", []).append(posterior.std.float().cpu())
+                buffer.setdefault(f"micro{suffix}", []).append(micro_ids.float())
             ids.extend(batch["id"])
             read.update(batch["id"])
             if len(ids) >= shard_size:
@@ -313,7 +320,8 @@ def resolve_auto_cache(datamodule: Any, encoders: FrozenEncoders, root: str | Pa
         return None
     source = datamodule.source
     captions = [datamodule.captions(item, None) or NULL_PROMPT for item in source.items]
-    key = {**model_fingerprint(encoders.vae, encoders.text_encoder, encoders.tokenizer, sorted(set(captions))),
+    key = {**model_fingerprint(encoders.vae, encoders.text_encoders, encoders.tokenizers, sorted(set(captions)),
+                             encoders.conditioner_kind),
            "preprocessing": preprocessing_fingerprint(datamodule), "source": source.describe(),
            "items": tensors_digest([("ids", torch.tensor([stable_seed(item.id, c) for item, c in zip(source.items, captions)]))])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -393,14 +401,16 @@ class LatentCache:
         """Refuse a model whose VAE encoder, text encoder or tokenizer differ from the build's (memoized per model)."""
         if id(encoders) in self._checked_models:
             return
-        if not all(hasattr(encoders, a) for a in ("vae", "text_encoder", "tokenizer")):
+        if not all(hasattr(encoders, a) for a in ("vae", "text_encoders", "tokenizers", "conditioner_kind")):
             raise CacheError(f"data.cache holds latents for latent diffusion training; {type(encoders).__name__} "
                              "cannot train from it: set data.cache=null")
         if getattr(encoders, "train_text_encoder", False):
             raise CacheError("data.cache holds frozen text-encoder outputs, but this model trains the text encoder "
                              "(model.components.conditioner.train_text_encoder / model.components.lora.text_encoder): set data.cache=null")
-        current = model_fingerprint(encoders.vae, encoders.text_encoder, encoders.tokenizer, self.prompts)
-        names = {"vae": "VAE encoder weights", "text_encoder": "text-encoder weights", "tokenizer": "tokenizer"}
+        current = model_fingerprint(encoders.vae, encoders.text_encoders, encoders.tokenizers, self.prompts,
+                                    encoders.conditioner_kind)
+        names = {"vae": "VAE encoder weights", "text_encoder": "text-encoder weights", "tokenizer": "tokenizer",
+                 "conditioner": "conditioner (its kind and settings)"}
         reasons = [f"the model's {label} differ from the ones it was built with" for key, label in names.items()
                    if self.fingerprint.get(key) != current[key]]
         if reasons:
@@ -489,6 +499,7 @@ class CachedLatentDataset(Dataset):
         return {
             "latents": handle.get_slice(f"mean{suffix}")[row],
             "latents_std": handle.get_slice(f"std{suffix}")[row],
+            "micro_conditioning": handle.get_slice(f"micro{suffix}")[row],
             **{key: prompts.get_slice(key)[prompt] for key in self.cache.condition_keys},
             "prompt": self.cache.prompts[prompt],
             "id": item.id,
@@ -506,7 +517,7 @@ class CachedCollate:
         batch: dict[str, Any] = {"prompt": [e["prompt"] for e in kept], "id": [e["id"] for e in kept],
                                  "num_skipped": len(examples) - len(kept),
                                  **{f"null_{k}": v for k, v in self.null_conditioning.items()}}
-        for key in ("latents", "latents_std", *self.null_conditioning):
+        for key in ("latents", "latents_std", "micro_conditioning", *self.null_conditioning):
             batch[key] = torch.stack([e[key] for e in kept]) if kept else torch.empty(0)
         return batch
 

@@ -66,16 +66,19 @@ class DiffusionDataset(Dataset):
         if self.captions is not None:
             tag_rng = random.Random(stable_seed(self.seed, "tags", sample_id, epoch)) if self.augment else None
             caption = self.captions(item, tag_rng)
-        return {"pixel_values": self.transform(image, rng, size), "prompt": caption or "", "id": sample_id}
+        pixels, micro = self.transform.apply(image, rng, size)
+        return {"pixel_values": pixels, "micro_conditioning": micro, "prompt": caption or "", "id": sample_id}
 
 
 def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack the readable examples; ``num_skipped`` counts the unreadable ones in this batch."""
     kept = [e for e in examples if e is not None]
     if not kept:
-        return {"pixel_values": torch.empty(0), "prompt": [], "id": [], "num_skipped": len(examples)}
+        return {"pixel_values": torch.empty(0), "micro_conditioning": torch.empty(0, 6), "prompt": [], "id": [],
+                "num_skipped": len(examples)}
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in kept]),
+        "micro_conditioning": torch.stack([e["micro_conditioning"] for e in kept]),
         "prompt": [e["prompt"] for e in kept],
         "id": [e["id"] for e in kept],
         "num_skipped": len(examples) - len(kept),

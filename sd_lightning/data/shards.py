@@ -369,7 +369,8 @@ class ShardStream(IterableDataset):
         if self.captions is not None:
             tag_rng = random.Random(stable_seed(self.seed, "tags", item.id, epoch)) if self.augment else None
             caption = self.captions(item, tag_rng)
-        return {"pixel_values": self.transform(image, rng), "prompt": caption or "", "id": item.id}
+        pixels, micro = self.transform.apply(image, rng)
+        return {"pixel_values": pixels, "micro_conditioning": micro, "prompt": caption or "", "id": item.id}
 
 
 def _distributed() -> tuple[int, int]:

@@ -41,6 +41,15 @@ class ColorJitter:
         return f"ColorJitter(brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation})"
 
 
+def flipped_micro_conditioning(ids: torch.Tensor) -> torch.Tensor:
+    """The micro-conditioning ids [..., 6] of the same crop after a horizontal flip: the crop's left edge mirrored in
+    the resized image (whose width follows from the original and target sizes as ``ImageTransform`` resizes)."""
+    height, width, top, left, target_h, target_w = ids.unbind(-1)
+    scale = torch.maximum(target_w / width, target_h / height)
+    resized_w = torch.maximum(target_w, torch.round(width * scale))
+    return torch.stack([height, width, top, resized_w - left - target_w, target_h, target_w], dim=-1)
+
+
 class ImageTransform:
     """Resize to cover the target, crop (center or random), optionally flip and jitter colors, normalize to [-1, 1].
 
@@ -70,10 +79,17 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None,
                  size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.apply(image, rng, size)[0]
+
+    def apply(self, image: Image.Image, rng: random.Random | None = None,
+              size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixels and the crop's micro-conditioning ids as SDXL trains with them: (original height, width,
+        crop top, crop left — in the resized image, mirrored with a flip — target height, width)."""
         rng = rng or random.Random(0)
         image = image.convert("RGB")
         target_w, target_h = size or (self.resolution, self.resolution)
         width, height = image.size
+        original = (height, width)
         scale = max(target_w / width, target_h / height)
         if self.max_zoom > 1.0:
             scale *= rng.uniform(1.0, self.max_zoom)
@@ -85,13 +101,16 @@ class ImageTransform:
             left, top = (width - target_w) // 2, (height - target_h) // 2
         else:
             left, top = rng.randint(0, width - target_w), rng.randint(0, height - target_h)
+        crop_left = left
         image = image.crop((left, top, left + target_w, top + target_h))
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crop_left = width - left - target_w
         if self.color_jitter is not None:
             image = self.color_jitter(image, rng)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        ids = torch.tensor([*original, top, crop_left, target_h, target_w], dtype=torch.float32)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), ids
 
 
 class CaptionTransform:

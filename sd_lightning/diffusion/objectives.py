@@ -68,6 +68,9 @@ class Objective:
         """||target error||² / ||ε error||² at a fixed x_t: turns a weight defined on the ε-MSE into this target's."""
         raise NotImplementedError
 
+    # The sampler ``sampling.scheduler=null`` picks (what a pretrained folder of this objective usually samples with).
+    default_sampler: str = "ddim"
+
     def sampling_scheduler(self, name: str) -> SchedulerMixin:
         """The diffusers scheduler that samples (and is exported with) this objective."""
         raise NotImplementedError
@@ -79,6 +82,8 @@ class Objective:
 
 class DDPMObjective(Objective):
     """A discrete variance-preserving DDPM process over ``num_train_timesteps`` steps (diffusers' DDPMScheduler)."""
+
+    default_sampler = "dpm"
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
                  beta_start: float = 0.00085, beta_end: float = 0.012, rescale_betas_zero_snr: bool = False) -> None:
@@ -229,6 +234,8 @@ class FlowMatchingObjective(Objective):
 
     def epsilon_loss_scale(self, timesteps):
         return 1 / (1 - self.sigma(timesteps)).clamp_min(1e-4) ** 2  # ε̂ - ε = (1 - σ)(v̂ - v)
+
+    default_sampler = "flow_euler"
 
     def sampling_scheduler(self, name: str = "flow_euler") -> SchedulerMixin:
         if name not in FLOW_SCHEDULERS:

@@ -24,12 +24,17 @@ def generate(
     width: int | None = None,
     output_type: str = "pil",
     seeds: Sequence[int] | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
 ) -> list[Image.Image] | torch.Tensor:
     """``pipeline``: a diffusers text-to-image pipeline or ``LatentSampler``. Image i starts from noise seeded by
     ``seeds[i]`` (default ``seed + i``), so results do not depend on batch size or on the other prompts.
 
-    An empty prompt generates unconditionally (from pure noise with the null condition).
+    An empty prompt generates unconditionally (from pure noise with the null condition). The pipeline call gets
+    what a pipeline built or loaded by sd_lightning records it needs (``sd_lightning_call_kwargs``: SD 3's
+    ``max_sequence_length``), then ``pipeline_kwargs`` (for a plain diffusers pipeline: the export's
+    ``sd_lightning.json`` ``pipeline_kwargs``).
     """
+    call_kwargs = {**getattr(pipeline, "sd_lightning_call_kwargs", {}), **(pipeline_kwargs or {})}
     seeds = list(range(seed, seed + len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -45,6 +50,7 @@ def generate(
             height=height,
             width=width,
             output_type=output_type,
+            **call_kwargs,
         )
         outputs.append(result.images)
     if output_type == "pil":

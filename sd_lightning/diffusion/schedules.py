@@ -1,4 +1,4 @@
-"""Samplers for the DDPM objectives, built from the training schedule's config."""
+"""Samplers built from the training schedule's config: the DDPM objectives' and flow matching's (``flow_euler``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -23,7 +24,9 @@ SAMPLING_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 
 
 def sampling_scheduler(name: str, training_config: dict[str, Any]) -> SchedulerMixin:
-    """A sampler named ``name`` sharing the training schedule (betas, prediction type, spacing)."""
+    """A sampler named ``name`` sharing the training schedule (betas, prediction type, spacing; a flow's shift)."""
+    if name == "flow_euler":
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(training_config))
     if name not in SAMPLING_SCHEDULERS:
         raise ValueError(f"scheduler={name!r} is not one of {sorted(SAMPLING_SCHEDULERS)}")
     config = {k: v for k, v in dict(training_config).items() if not k.startswith("_")}

@@ -7,20 +7,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+from diffusers import AutoencoderKL
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
+)
 
-from sd_lightning.models.conditioners import TextConditioner
-from sd_lightning.models.denoisers import Denoiser, UNetDenoiser, build_unet, prepare_denoiser
+from sd_lightning.models.conditioners import SD3Conditioner, SDXLConditioner, TextConditioner
+from sd_lightning.models.denoisers import Denoiser, build_unet, prepare_denoiser
+from sd_lightning.models.families import MissingModelError, denoiser_config, folder_family
 from sd_lightning.models.lora import LoraSpec, inject_lora
 
 log = logging.getLogger(__name__)
 
 TINY_TOKENIZER = "tiny"
-
-
-class MissingModelError(FileNotFoundError):
-    """A model folder that a config points at does not exist or is incomplete."""
 
 
 @dataclass
@@ -86,8 +91,10 @@ def build_text_encoder(
     intermediate_size: int = 64,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 2,
-) -> CLIPTextModel:
-    """A CLIP text transformer sized for ``tokenizer`` (random init)."""
+    projection_dim: int | None = None,
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A CLIP text transformer sized for ``tokenizer`` (random init); with ``projection_dim``, the pooled embedding
+    goes through a learned projection (``CLIPTextModelWithProjection``, SDXL's second and SD 3's CLIP encoders)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -98,8 +105,57 @@ def build_text_encoder(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection_dim or hidden_size,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModel(config) if projection_dim is None else CLIPTextModelWithProjection(config)
+
+
+def build_t5_encoder(tokenizer: PreTrainedTokenizerBase, d_model: int = 32, d_ff: int = 64, num_layers: int = 2,
+                     num_heads: int = 2, d_kv: int = 16) -> T5EncoderModel:
+    """A random-init T5 encoder (SD 3's optional third text encoder) sized for ``tokenizer``."""
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=d_ff, num_layers=num_layers,
+                                   num_heads=num_heads, d_kv=d_kv, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
+
+
+# Conditioners built from configs (random encoders on the offline tiny tokenizer), one builder per family.
+def build_clip_conditioner(text_encoder: dict | None = None, drop_prob: float = 0.1, train_text_encoder: bool = False,
+                           tokenizer: str = TINY_TOKENIZER) -> TextConditioner:
+    tok = load_tokenizer(tokenizer)
+    return TextConditioner(tok, build_text_encoder(tok, **(text_encoder or {})), drop_prob=drop_prob,
+                           train_text_encoder=train_text_encoder, tokenizer_source=tokenizer)
+
+
+def build_sdxl_conditioner(text_encoder: dict | None = None, text_encoder_2: dict | None = None,
+                           drop_prob: float = 0.1, train_text_encoder: bool = False, zero_null_condition: bool = False,
+                           tokenizer: str = TINY_TOKENIZER) -> SDXLConditioner:
+    """SDXL's pair: a CLIPTextModel and a CLIPTextModelWithProjection (``text_encoder_2.projection_dim`` pooled)."""
+    tok, tok_2 = load_tokenizer(tokenizer), load_tokenizer(tokenizer)
+    second = {"projection_dim": 32, **(text_encoder_2 or {})}
+    return SDXLConditioner(tok, build_text_encoder(tok, **(text_encoder or {})), tokenizer_2=tok_2,
+                           text_encoder_2=build_text_encoder(tok_2, **second), drop_prob=drop_prob,
+                           train_text_encoder=train_text_encoder, zero_null_condition=zero_null_condition,
+                           tokenizer_source=tokenizer)
+
+
+def build_sd3_conditioner(text_encoder: dict | None = None, text_encoder_2: dict | None = None,
+                          text_encoder_3: dict | None = None, joint_attention_dim: int | None = None,
+                          t5_sequence_length: int = 8, drop_prob: float = 0.1, train_text_encoder: bool = False,
+                          tokenizer: str = TINY_TOKENIZER) -> SD3Conditioner:
+    """SD 3's CLIP-L and CLIP-G (both with projections) and, when ``text_encoder_3`` is set, a T5 encoder."""
+    tok, tok_2 = load_tokenizer(tokenizer), load_tokenizer(tokenizer)
+    first = {"projection_dim": 16, **(text_encoder or {})}
+    second = {"projection_dim": 16, **(text_encoder_2 or {})}
+    t5 = {}
+    if text_encoder_3 is not None:
+        tok_3 = load_tokenizer(tokenizer)
+        t5 = {"tokenizer_3": tok_3, "text_encoder_3": build_t5_encoder(tok_3, **text_encoder_3)}
+    return SD3Conditioner(tok, build_text_encoder(tok, **first), tokenizer_2=tok_2,
+                          text_encoder_2=build_text_encoder(tok_2, **second), **t5,
+                          joint_attention_dim=joint_attention_dim, t5_sequence_length=t5_sequence_length,
+                          drop_prob=drop_prob, train_text_encoder=train_text_encoder, tokenizer_source=tokenizer)
+
+
 
 
 def _finish(denoiser: Denoiser, vae: AutoencoderKL, conditioner: TextConditioner, lora: LoraSpec | None,
@@ -110,7 +166,7 @@ def _finish(denoiser: Denoiser, vae: AutoencoderKL, conditioner: TextConditioner
     vae.eval()
     conditioner.freeze()
     if lora is not None:
-        inject_lora(denoiser.model, conditioner.text_encoder, lora)
+        inject_lora(denoiser.model, conditioner.text_encoders, lora)
     prepare_denoiser(denoiser, gradient_checkpointing, attention, channels_last, compile)
     return DiffusionComponents(denoiser, vae, conditioner, lora)
 
@@ -120,28 +176,25 @@ def build_components(
     vae: dict | None = None,
     vae_path: str | None = None,
     vae_hint: str = "",
-    text_encoder: dict | None = None,
-    conditioner: dict | None = None,
+    conditioner: TextConditioner | None = None,
     lora: LoraSpec | None = None,
     gradient_checkpointing: bool = False,
     attention: str = "sdpa",
     channels_last: bool = False,
     compile: str | None = None,
 ) -> DiffusionComponents:
-    """Components from configs: a trained VAE when ``vae_path`` is set, a random text encoder and denoiser.
+    """Components from configs: a trained VAE when ``vae_path`` is set, a random conditioner and denoiser.
 
     ``denoiser`` is a builder (a ``_partial_`` config) called with the sizes the other parts fix: latent channels
-    and size from the VAE, sequence and pooled widths from the conditioner.
+    and size from the VAE, sequence and pooled widths from the conditioner (a family's conditioner builder).
     """
-    tokenizer = load_tokenizer(TINY_TOKENIZER)
     if vae_path:
         vae_model = load_vae(vae_path, hint=vae_hint)
     else:
         log.warning("model.components.vae_path is not set: using a randomly initialised VAE (train one with a VAE "
                     "experiment)")
         vae_model = build_vae(**(vae or {}))
-    text = TextConditioner(tokenizer, build_text_encoder(tokenizer, **(text_encoder or {})),
-                           tokenizer_source=TINY_TOKENIZER, **(conditioner or {}))
+    text = conditioner if conditioner is not None else build_clip_conditioner()
     factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
     backbone = (denoiser or build_unet)(
         in_channels=vae_model.config.latent_channels,
@@ -153,20 +206,12 @@ def build_components(
 
 
 def pretrained_resolution(path: str | Path) -> int:
-    """The image size a pretrained folder's UNet was trained at (512 for SD 1.x), read when the data is built."""
-    import json
-
-    root = Path(path).expanduser()
-    configs = {}
-    for sub in ("unet", "vae"):
-        file = root / sub / "config.json"
-        if not file.is_file():
-            raise MissingModelError(f"model.path={path} is not a Stable Diffusion diffusers folder: no {sub}/config.json")
-        configs[sub] = json.loads(file.read_text())
-    sample_size = configs["unet"]["sample_size"]
+    """The image size a pretrained folder's backbone was trained at (512 for SD 1.x), read when the data is built."""
+    backbone, vae = denoiser_config(path)
+    sample_size = backbone["sample_size"]
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
-    return int(sample_size) * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    return int(sample_size) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def load_pretrained_components(
@@ -178,20 +223,9 @@ def load_pretrained_components(
     channels_last: bool = False,
     compile: str | None = None,
 ) -> DiffusionComponents:
-    """A local Stable Diffusion 1.x/2.x folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), offline."""
+    """A local diffusers folder of a supported family (``model_index.json`` says which), read offline."""
     root = Path(path).expanduser()
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / sub).is_dir()]
-    if missing:
-        raise MissingModelError(
-            f"model.path={root} is not a Stable Diffusion diffusers folder: missing {', '.join(m + '/' for m in missing)}"
-        )
-    text = TextConditioner(
-        AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
-        CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True),
-        tokenizer_source=str(root / "tokenizer"), **(conditioner or {}),
-    )
-    return _finish(
-        UNetDenoiser(UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)),
-        AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True),
-        text, lora, gradient_checkpointing, attention, channels_last, compile,
-    )
+    family = folder_family(root)
+    options = {"tokenizer_source": str(root / "tokenizer"), **(conditioner or {})}
+    backbone, vae, text = family.components(family.load(root), options)
+    return _finish(backbone, vae, text, lora, gradient_checkpointing, attention, channels_last, compile)

@@ -16,18 +16,29 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from sd_lightning.diffusion.objectives import Objective, objective_from_record, objective_record
 from sd_lightning.models.builders import DiffusionComponents
-from sd_lightning.models.conditioners import TextConditioner
+from sd_lightning.models.conditioners import CONDITIONERS, TextConditioner
 from sd_lightning.models.denoisers import denoiser_from_record
 
 RECORD_KEY = "sd_lightning"
 RUN_CONFIG_KEY = "sd_lightning_run_config"
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
 EMA_STATE_KEY = "ema"
 SAMPLING_FILE = "sd_lightning.json"
+# The text encoder classes a checkpoint may name (with their config classes): nothing else is built from a file.
+TEXT_ENCODERS = {"CLIPTextModel": (CLIPTextModel, CLIPTextConfig),
+                 "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig),
+                 "T5EncoderModel": (T5EncoderModel, T5Config)}
 
 
 class CheckpointError(ValueError):
@@ -61,7 +72,8 @@ class ModelRecord:
             "format": RECORD_FORMAT,
             "denoiser": {"kind": parts.denoiser.kind, "config": _plain(parts.denoiser.config)},
             "vae_config": _plain(parts.vae.config),
-            "conditioner": {**parts.conditioner.record(), "tokenizer_files": tokenizer_files(parts.conditioner.tokenizer)},
+            "conditioner": {**parts.conditioner.record(), "tokenizers": {
+                name: tokenizer_files(getattr(parts.conditioner, name)) for name, _ in parts.conditioner.present_parts()}},
             "objective": objective_record(self.objective),
             "sampling": dict(self.sampling),
             "lora": None if parts.lora is None else parts.lora.to_dict(),
@@ -119,14 +131,31 @@ def apply_ema(modules: dict[str, torch.nn.Module], ema_state: dict[str, Any]) ->
             params[name].copy_(shadow.to(params[name].dtype))
 
 
-def _conditioner(record: dict[str, Any], text_encoder: CLIPTextModel | None = None) -> TextConditioner:
+def _tokenizer(files: dict[str, str]) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
-        for name, text in record["tokenizer_files"].items():
+        for name, text in files.items():
             (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
-        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-    encoder = text_encoder or CLIPTextModel(CLIPTextConfig.from_dict(record["text_encoder_config"]))
-    return TextConditioner(tokenizer, encoder, drop_prob=record.get("drop_prob", 0.1),
-                           train_text_encoder=record.get("train_text_encoder", False))
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def _conditioner(record: dict[str, Any], base: TextConditioner | None = None) -> TextConditioner:
+    """The recorded conditioner: its tokenizers, and its encoders from their configs (or ``base``'s, for adapters)."""
+    kind = record.get("kind")
+    if kind not in CONDITIONERS:
+        raise CheckpointError(f"the checkpoint's conditioner kind {kind!r} is not one of {sorted(CONDITIONERS)}")
+    parts: dict[str, Any] = {}
+    for tokenizer_name, encoder_name in (*CONDITIONERS[kind].parts, *CONDITIONERS[kind].optional_parts):
+        if encoder_name not in record["encoders"]:
+            continue
+        encoder = record["encoders"][encoder_name]
+        if encoder["class"] not in TEXT_ENCODERS:
+            raise CheckpointError(f"the checkpoint's {encoder_name} is a {encoder['class']!r}, not one of "
+                                  f"{sorted(TEXT_ENCODERS)}")
+        model_class, config_class = TEXT_ENCODERS[encoder["class"]]
+        parts[tokenizer_name] = _tokenizer(record["tokenizers"][tokenizer_name])
+        parts[encoder_name] = (getattr(base, encoder_name) if base is not None
+                               else model_class(config_class.from_dict(encoder["config"])))
+    return CONDITIONERS[kind](**parts, **record.get("options", {}))
 
 
 def components_from_checkpoint(path: str | Path, use_ema: bool = True, trusted_objectives: tuple[str, ...] = ()
@@ -138,7 +167,7 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True, trusted_o
     if adapters_only:
         base = _base_model(path, record.get("base_path"))
         denoiser, vae = base.denoiser, base.vae
-        conditioner = _conditioner(record["conditioner"], base.conditioner.text_encoder)
+        conditioner = _conditioner(record["conditioner"], base.conditioner)
     else:
         denoiser = denoiser_from_record(record["denoiser"])
         vae = AutoencoderKL.from_config(record["vae_config"])
@@ -148,9 +177,10 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True, trusted_o
         from sd_lightning.models.lora import LoraSpec, inject_lora
 
         lora = LoraSpec(**record["lora"])
-        inject_lora(denoiser.model, conditioner.text_encoder, lora)
+        inject_lora(denoiser.model, conditioner.text_encoders, lora)
     state = checkpoint["state_dict"]
-    fully_trained_text = record["conditioner"].get("train_text_encoder") and not (lora and lora.text_encoder)
+    fully_trained_text = (record["conditioner"]["options"].get("train_text_encoder")
+                          and not (lora and lora.text_encoder))
     for prefix, module in (("denoiser.", denoiser), ("vae.", vae), ("conditioner.", conditioner)):
         result = module.load_state_dict(_submodule_state(state, prefix), strict=False)
         if adapters_only and not (prefix == "conditioner." and fully_trained_text):
@@ -173,11 +203,12 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True, trusted_o
 
 def _base_model(path: str | Path, base_path: str | None) -> DiffusionComponents:
     """The frozen base of an adapters-only LoRA checkpoint, from the folder it was trained on."""
-    from sd_lightning.models.builders import MissingModelError, load_pretrained_components
+    from sd_lightning.models.builders import load_pretrained_components
+    from sd_lightning.models.families import MissingModelError, UnsupportedModelError
 
     try:
         return load_pretrained_components(base_path or "")
-    except (MissingModelError, OSError) as err:
+    except (MissingModelError, UnsupportedModelError, OSError) as err:
         raise CheckpointError(
             f"ckpt_path={path} holds LoRA adapters only and needs its base model folder {base_path}, which cannot be "
             f"read ({err}). Restore that folder, or train with model.components.lora.save_base_weights=true for "

@@ -56,15 +56,27 @@ class UNetDenoiser(Denoiser):
     model_class = UNet2DConditionModel
 
     def forward(self, noisy_latents, timesteps, conditioning):
-        added = {k[len("added_"):]: v for k, v in conditioning.items() if k.startswith("added_")}
         return self.model(noisy_latents, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"],
-                          added_cond_kwargs=added or None).sample
+                          added_cond_kwargs=self.added_conditions(conditioning)).sample
+
+    def added_conditions(self, conditioning: Conditioning) -> dict[str, torch.Tensor] | None:
+        return None
 
     def set_attention(self, attention: str) -> None:
         if attention == "classic":
             self.model.set_attn_processor(AttnProcessor())
         elif attention != "sdpa":
             raise ValueError(f"model.components.attention={attention!r} must be 'sdpa' or 'classic'")
+
+
+class SDXLUNetDenoiser(UNetDenoiser):
+    """SDXL's ``UNet2DConditionModel`` (``addition_embed_type="text_time"``): cross-attention on the sequence
+    states, and an added embedding of the pooled text embedding with the micro-conditioning ids."""
+
+    kind = "sdxl_unet"
+
+    def added_conditions(self, conditioning: Conditioning) -> dict[str, torch.Tensor]:
+        return {"text_embeds": conditioning["pooled_prompt_embeds"], "time_ids": conditioning["micro_conditioning"]}
 
 
 class SD3TransformerDenoiser(Denoiser):
@@ -81,7 +93,7 @@ class SD3TransformerDenoiser(Denoiser):
                           pooled_projections=conditioning["pooled_prompt_embeds"]).sample
 
 
-DENOISERS: dict[str, type[Denoiser]] = {cls.kind: cls for cls in (UNetDenoiser, SD3TransformerDenoiser)}
+DENOISERS: dict[str, type[Denoiser]] = {cls.kind: cls for cls in (UNetDenoiser, SDXLUNetDenoiser, SD3TransformerDenoiser)}
 
 
 def denoiser_from_record(record: dict[str, Any]) -> Denoiser:
@@ -103,6 +115,7 @@ def build_unet(
     attention_head_dim: int | Sequence[int] = 8,
     norm_num_groups: int = 8,
     dropout: float = 0.0,
+    **unet_options: Any,
 ) -> UNetDenoiser:
     """A random-init UNet2DConditionModel; the first three sizes come from the VAE and conditioner."""
     if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
@@ -122,7 +135,36 @@ def build_unet(
         attention_head_dim=attention_head_dim if isinstance(attention_head_dim, int) else tuple(attention_head_dim),
         norm_num_groups=norm_num_groups,
         dropout=dropout,
+        **unet_options,
     ))
+
+
+def build_sdxl_unet(
+    in_channels: int = 4,
+    sample_size: int = 8,
+    cross_attention_dim: int = 64,
+    pooled_dim: int | None = 32,
+    block_out_channels: Sequence[int] = (32, 64),
+    down_block_types: Sequence[str] = ("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types: Sequence[str] = ("CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block: int = 1,
+    attention_head_dim: int | Sequence[int] = 2,
+    transformer_layers_per_block: int | Sequence[int] = 1,
+    addition_time_embed_dim: int = 8,
+    norm_num_groups: int = 8,
+    dropout: float = 0.0,
+) -> SDXLUNetDenoiser:
+    """A random-init SDXL-shaped UNet: the pooled embedding and the six micro-conditioning ids (each embedded
+    in ``addition_time_embed_dim`` sinusoids) are added to the timestep embedding, as in SDXL."""
+    if pooled_dim is None:
+        raise ValueError("the SDXL UNet needs a pooled text embedding; this conditioner produces none")
+    unet = build_unet(in_channels, sample_size, cross_attention_dim, pooled_dim, block_out_channels, down_block_types,
+                      up_block_types, layers_per_block, attention_head_dim, norm_num_groups, dropout,
+                      addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+                      projection_class_embeddings_input_dim=6 * addition_time_embed_dim + pooled_dim,
+                      transformer_layers_per_block=transformer_layers_per_block if isinstance(
+                          transformer_layers_per_block, int) else tuple(transformer_layers_per_block))
+    return SDXLUNetDenoiser(unet.model)
 
 
 def build_sd3_transformer(

@@ -89,6 +89,10 @@ class LatentDiffusionModule(L.LightningModule):
             raise ValueError(f"model.val_timesteps {bad} must be fractions in (0, 1) of the objective's time domain")
         self.val_fractions = tuple(float(u) for u in val_timesteps)
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
+        self.sampling["scheduler"] = self.sampling["scheduler"] or objective.default_sampler
+        # What the family pipeline's call needs besides these (SD 3: max_sequence_length), exported with them.
+        self.sampling["pipeline_kwargs"] = {**self.conditioner.pipeline_call_kwargs(),
+                                            **self.sampling.get("pipeline_kwargs", {})}
         self.objective.sampling_scheduler(self.sampling["scheduler"])  # refuse a sampler the objective cannot use
         self.weighting(self.objective.timesteps(torch.tensor([0.5])), self.objective)  # … and a weighting
         self.seed = seed
@@ -156,6 +160,20 @@ class LatentDiffusionModule(L.LightningModule):
     @property
     def tokenizer(self) -> Any:
         return self.conditioner.tokenizer
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return self.conditioner.text_encoders
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return self.conditioner.tokenizers
+
+    @property
+    def conditioner_kind(self) -> str:
+        """The conditioner's kind and the settings that shape its outputs (drop_prob does not: it acts later)."""
+        options = {k: v for k, v in self.conditioner.options().items() if k not in ("drop_prob", "train_text_encoder")}
+        return f"{self.conditioner.kind} {sorted(options.items())}"
 
     @property
     def train_text_encoder(self) -> bool:

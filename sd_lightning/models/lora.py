@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft_layers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -78,46 +77,43 @@ def _check_targets(module: torch.nn.Module, targets: Sequence[str], key: str) ->
         raise ValueError(f"{key}: no layer named {unknown} in the {type(module).__name__}; linear layers: {linear}")
 
 
-def inject_lora(unet: UNet2DConditionModel, text_encoder: torch.nn.Module, spec: LoraSpec) -> None:
-    """Freeze the base weights and add trainable adapters (the UNet's, and the text encoder's if asked)."""
-    _check_targets(unet, spec.unet_target_modules, "model.components.lora.unet_target_modules")
-    unet.requires_grad_(False)
-    unet.add_adapter(spec.peft_config(spec.unet_target_modules))
+def inject_lora(denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module], spec: LoraSpec) -> None:
+    """Freeze the base weights and add trainable adapters (the denoiser's, and the CLIP text encoders' if asked)."""
+    _check_targets(denoiser, spec.unet_target_modules, "model.components.lora.unet_target_modules")
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(spec.peft_config(spec.unet_target_modules))
     if spec.text_encoder:
-        _check_targets(text_encoder, spec.text_encoder_target_modules, "model.components.lora.text_encoder_target_modules")
-        text_encoder.requires_grad_(False)
-        # peft directly: transformers' add_adapter wants a newer peft than diffusers does.
-        inject_adapter_in_model(spec.peft_config(spec.text_encoder_target_modules), text_encoder, "default")
+        clips = [e for e in text_encoders if type(e).__name__.startswith("CLIP")]  # not SD 3's T5
+        for encoder in clips:
+            _check_targets(encoder, spec.text_encoder_target_modules, "model.components.lora.text_encoder_target_modules")
+            encoder.requires_grad_(False)
+            # peft directly: transformers' add_adapter wants a newer peft than diffusers does.
+            inject_adapter_in_model(spec.peft_config(spec.text_encoder_target_modules), encoder, "default")
 
 
 def has_lora(module: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
-def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """Adapter weights of each adapted part, with diffusers' key names (what ``save_lora_weights`` takes)."""
-    parts = {"unet": unet, "text_encoder": text_encoder}
+def lora_state_dicts(parts: dict[str, torch.nn.Module | None]) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapter weights of each adapted part (named as the pipeline names it), with diffusers' key names."""
     return {
         name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
         for name, module in parts.items()
-        if has_lora(module)
+        if module is not None and has_lora(module)
     }
 
 
-def save_lora(directory: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(directory)`` loads."""
-    states = lora_state_dicts(unet, text_encoder)
-    if "unet" not in states:
+def save_lora(directory: str | Path, pipeline_class: type, parts: dict[str, torch.nn.Module | None],
+              denoiser_part: str = "unet") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(directory)`` loads, through the
+    family pipeline's own ``save_lora_weights`` (``<part>_lora_layers`` for unet/transformer, text_encoder(_2))."""
+    states = lora_state_dicts(parts)
+    if denoiser_part not in states:
         raise ValueError("this model has no LoRA adapters to export (it was not trained with model.lora)")
-    metadata = {f"{name}_lora_adapter_metadata": _peft_metadata(unet if name == "unet" else text_encoder)
-                for name in states}
-    StableDiffusionPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=states["unet"],
-        text_encoder_lora_layers=states.get("text_encoder"),
-        safe_serialization=True,
-        **metadata,
-    )
+    layers = {f"{name}_lora_layers": state for name, state in states.items()}
+    metadata = {f"{name}_lora_adapter_metadata": _peft_metadata(parts[name]) for name in states}
+    pipeline_class.save_lora_weights(directory, safe_serialization=True, **layers, **metadata)
     return Path(directory) / LORA_WEIGHTS_FILE
 
 

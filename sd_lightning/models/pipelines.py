@@ -1,9 +1,11 @@
 """Pipelines over a model's parts: the family's plain diffusers pipeline where one exists, else ``LatentSampler``.
 
-SD 1.x/2.x (a UNet denoiser with a DDPM objective) samples and exports as ``StableDiffusionPipeline``. A
-combination no standard pipeline runs (a flow-matching UNet: ``FlowMatchEulerDiscreteScheduler`` lacks
-``init_noise_sigma``; a transformer with one CLIP encoder) samples through ``LatentSampler``, the same
-classifier-free-guidance loop written once over the denoiser/conditioner call, and cannot be exported.
+Each family (``models/families.py``) samples and exports through its pipeline: SD 1.x/2.x and SDXL (a UNet with a
+DDPM objective) as ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, SD 3 (MMDiT, flow matching) as
+``StableDiffusion3Pipeline``. A combination no standard pipeline runs (a flow-matching UNet:
+``FlowMatchEulerDiscreteScheduler`` lacks ``init_noise_sigma``; a transformer with one CLIP encoder) samples
+through ``LatentSampler``, the same classifier-free-guidance loop written once over the denoiser/conditioner call,
+and cannot be exported.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from sd_lightning.diffusion.objectives import Objective
 from sd_lightning.models.builders import DiffusionComponents
 from sd_lightning.models.checkpoint_io import SAMPLING_FILE, CheckpointError, components_from_checkpoint
-from sd_lightning.models.denoisers import UNetDenoiser
+from sd_lightning.models.families import CALL_KWARGS, FAMILIES, family_of, supported
 
 
 class LatentSampler:
@@ -46,7 +47,8 @@ class LatentSampler:
     @torch.no_grad()
     def __call__(self, prompt: list[str], num_inference_steps: int = 30, guidance_scale: float = 1.0,
                  generator: list[torch.Generator] | None = None, height: int | None = None, width: int | None = None,
-                 output_type: str = "pil") -> SimpleNamespace:
+                 output_type: str = "pil", **_: Any) -> SimpleNamespace:
+        """Extra pipeline arguments (``sampling.pipeline_kwargs``) are the conditioner's already: ignored here."""
         parts = self.components
         channels, size = parts.latent_shape
         factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
@@ -55,7 +57,8 @@ class LatentSampler:
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         latents = latents * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
         guided = guidance_scale > 1.0
-        conditioning = parts.conditioner(list(prompt) + ([""] * len(prompt) if guided else []))
+        conditioning = parts.conditioner.for_sampling(list(prompt) + ([""] * len(prompt) if guided else []),
+                                                      shape[1] * factor, shape[2] * factor)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         for t in self.scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if guided else latents
@@ -78,19 +81,12 @@ class LatentSampler:
         return SimpleNamespace(images=[Image.fromarray(a) for a in (arrays * 255).round().astype(np.uint8)])
 
 
-def diffusers_pipeline(components: DiffusionComponents, scheduler: SchedulerMixin) -> StableDiffusionPipeline | None:
-    """The plain diffusers pipeline of this combination, or None when no standard pipeline runs it."""
-    if not isinstance(components.denoiser, UNetDenoiser) or not hasattr(scheduler, "init_noise_sigma"):
+def diffusers_pipeline(components: DiffusionComponents, scheduler: SchedulerMixin) -> Any:
+    """The family's plain diffusers pipeline over these components, or None when no standard pipeline runs them."""
+    family = family_of(components)
+    if family is None or not family.scheduler_fits(scheduler):
         return None
-    if components.denoiser.config.get("addition_embed_type"):
-        return None
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.conditioner.text_encoder,
-        tokenizer=components.conditioner.tokenizer, unet=components.denoiser.model, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return family.pipeline(components, scheduler)
 
 
 def build_pipeline(components: DiffusionComponents, objective: Objective, scheduler: str) -> Any:
@@ -106,15 +102,26 @@ def load_pipeline(source: str | Path, scheduler: str | None = None, use_ema: boo
 
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise CheckpointError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
-        pipeline = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True)
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = folder_pipeline(path)
         sampling_file = path / SAMPLING_FILE
         sampling = json.loads(sampling_file.read_text()) if sampling_file.is_file() else {}
         sampling.setdefault("scheduler", "ddim")
+        setattr(pipeline, CALL_KWARGS, dict(sampling.get("pipeline_kwargs", {})))
         if (scheduler and scheduler != sampling["scheduler"]) or not sampling_file.is_file():
             pipeline.scheduler = sampling_scheduler(scheduler or sampling["scheduler"], pipeline.scheduler.config)
         return pipeline, sampling
     components, objective, sampling = components_from_checkpoint(path, use_ema, trusted_objectives)
     return build_pipeline(components, objective, scheduler or sampling["scheduler"]), sampling
+
+
+def folder_pipeline(path: Path) -> Any:
+    """An exported folder's pipeline, of the family its model_index.json names (safetensors only)."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise CheckpointError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+    name = json.loads(index_file.read_text()).get("_class_name")
+    if name not in FAMILIES:
+        raise CheckpointError(f"{path}: model_index.json names {name!r}; supported: {supported()}")
+    pipeline = FAMILIES[name].load(path, safetensors_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -72,14 +72,16 @@ def test_build_writes_safetensors_shards_index_and_unique_prompts(digits_cache: 
     assert files == [INDEX_FILE, "latents-00000.safetensors", PROMPTS_FILE]
     assert not [p for p in digits_cache.parent.iterdir() if ".tmp-" in p.name]  # the temporary folder was renamed
     index = json.loads((digits_cache / INDEX_FILE).read_text())
-    assert set(index["fingerprint"]) == {"vae", "text_encoder", "tokenizer", "preprocessing"}
+    assert set(index["fingerprint"]) == {"vae", "text_encoder", "tokenizer", "conditioner", "preprocessing"}
     assert index["fingerprint"]["preprocessing"]["resolution"] == 32
     # 64 digits carry the 10 digit prompts; the null prompt is always stored for condition dropout.
     assert len(index["prompts"]) == 11 and "" in index["prompts"]
     with safe_open(str(digits_cache / PROMPTS_FILE), framework="pt") as handle:
         assert handle.get_tensor("encoder_hidden_states").shape == (11, 77, 32)
     with safe_open(str(digits_cache / "latents-00000.safetensors"), framework="pt") as handle:
-        assert sorted(handle.keys()) == ["mean", "std"]  # no flip copies without random_flip
+        assert sorted(handle.keys()) == ["mean", "micro", "std"]  # no flip copies without random_flip
+        # SDXL's micro-conditioning of each stored image: the source's 32x32 digit, uncropped, at 32x32.
+        assert handle.get_tensor("micro")[0].tolist() == [32, 32, 0, 0, 32, 32]
         assert handle.get_tensor("mean").shape == (64, 4, 8, 8)
         assert bool((handle.get_tensor("std") > 0).all())
     assert len(index["shards"][0]["ids"]) == 64
@@ -358,3 +360,27 @@ def test_auto_cache_is_built_once_per_data_and_encoders_then_reused(cache_root: 
     datamodule, _ = _build_parts(cfg)
     with pytest.raises(ValueError, match="data.cache=auto is resolved by sdl-train"):
         datamodule.setup("fit")
+
+
+def test_sdxl_trains_from_the_cache_as_from_images(cache_root: Path) -> None:
+    """The SDXL family's cache holds both encoders' states, the pooled embedding and each image's (flipped)
+    micro-conditioning: 5 steps from the cache log the losses of 5 steps from images, to 1e-6."""
+    from sd_lightning.cli.train import train
+
+    sdxl = ["model=sdxl_tiny", "augmentation=flip", "data.batch_size=8", "trainer.max_steps=5", "~callbacks.sample_grid",
+            "~callbacks.stability", "trainer.check_val_every_n_epoch=100"]
+    cache = build_cache(_compose(cache_root, *sdxl, f"data.cache={cache_root / 'sdxl'}"))
+    with safe_open(str(cache / PROMPTS_FILE), framework="pt") as handle:
+        assert handle.get_tensor("encoder_hidden_states").shape[-1] == 64  # 32 + 32: both CLIPs side by side
+        assert handle.get_tensor("pooled_prompt_embeds").shape[-1] == 32  # the second encoder's projection
+    with safe_open(str(cache / "latents-00000.safetensors"), framework="pt") as handle:
+        assert {"micro", "micro_flipped"} <= set(handle.keys())
+    losses = {}
+    for name, extra in (("images", []), ("cache", [f"data.cache={cache}"])):
+        run_dir = cache_root / f"sdxl_from_{name}"
+        train(compose_train(run_dir, [*FAST, *LIMIT, *sdxl, *extra]))
+        logged = pd.read_csv(run_dir / "csv" / "metrics.csv").dropna(subset=["train/loss"])
+        losses[name] = logged.set_index("step")["train/loss"].sort_index()
+    assert list(losses["images"].index) == list(losses["cache"].index) == list(range(5))
+    assert (losses["images"] != losses["images"].iloc[0]).any()
+    assert (losses["images"] - losses["cache"]).abs().max() <= 1e-6

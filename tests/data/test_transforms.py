@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_lightning.data.transforms import ImageTransform, to_pil_images
+from sd_lightning.data.transforms import ImageTransform, flipped_micro_conditioning, to_pil_images
 
 
 def _gradient(width: int, height: int) -> Image.Image:
@@ -45,3 +45,21 @@ def test_round_trip_to_pil():
 def test_too_small_resolution_is_rejected():
     with pytest.raises(ValueError, match="data.resolution"):
         ImageTransform(4)
+
+
+def test_micro_conditioning_records_the_original_size_and_the_crop_sdxl_trains_with():
+    """(original h, w, crop top, crop left, target h, w): the crop in the resized image, mirrored with a flip."""
+    image = Image.new("RGB", (60, 30))  # width 60, height 30 → resized to 48x24, cropped to 24x24
+    center = ImageTransform(resolution=24, center_crop=True).apply(image)[1]
+    assert center.tolist() == [30, 60, 0, 12, 24, 24]
+    crops = {}
+    for seed in range(40):
+        rng = random.Random(seed)
+        pixels, ids = ImageTransform(resolution=24, center_crop=False, random_flip=True).apply(image, rng)
+        crops.setdefault(int(ids[3]), pixels)
+    assert len(crops) > 5 and min(crops) >= 0 and max(crops) <= 24  # random crops move the recorded left edge
+    flipping = ImageTransform(resolution=24, center_crop=True, random_flip=True)
+    seeds = {random.Random(s).random() < 0.5: s for s in range(10)}  # a seed that flips and one that does not
+    flipped = flipping.apply(Image.new("RGB", (61, 30)), random.Random(seeds[True]))[1]
+    plain = flipping.apply(Image.new("RGB", (61, 30)), random.Random(seeds[False]))[1]
+    assert plain[3] != flipped[3] and torch.equal(flipped_micro_conditioning(plain), flipped)

@@ -156,7 +156,7 @@ def test_checkpoints_of_the_old_engine_are_refused_with_a_message(trained_run, t
 
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
     record = checkpoint["sd_lightning"]
-    assert record["format"] == 2 and record["denoiser"]["kind"] == "unet"
+    assert record["format"] == 3 and record["denoiser"]["kind"] == "unet"
     assert record["objective"] == {"name": "v_prediction", "config": {
         "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.00085, "beta_end": 0.012,
         "rescale_betas_zero_snr": False}}

@@ -43,13 +43,7 @@ class CrashAtStep(L.Callback):
             raise RuntimeError(f"crash at step {self.step}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These steps are tiny: one thread avoids oversubscribing a shared 2-core machine (measured 30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps (conftest)
 
 
 def _experiment(train_config, sd_folder, name, *overrides, run="run"):
@@ -177,7 +171,7 @@ def test_lora_text_encoder_adapters_export_and_bad_target(sd_folder, train_confi
                 p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
     model.eval()
     ids = model.conditioner.tokenize(PROMPTS)
-    save_lora(tmp_path / "lora", model.denoiser.model, model.text_encoder)
+    save_lora(tmp_path / "lora", StableDiffusionPipeline, {"unet": model.denoiser.model, "text_encoder": model.text_encoder})
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder[0], **PLAIN)
     with torch.no_grad():
         base = pipe.text_encoder(ids)[0]

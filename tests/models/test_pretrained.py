@@ -37,9 +37,12 @@ def test_loader_reads_every_component_offline(sd_folder):
     assert isinstance(objective, EpsilonObjective) and objective.beta_schedule == "scaled_linear"
 
 
-def test_missing_parts_are_named(tmp_path):
+def test_missing_parts_are_named(sd_folder, tmp_path):
     (tmp_path / "unet").mkdir()
-    with pytest.raises(MissingModelError, match="missing vae/, text_encoder/, tokenizer/, scheduler/"):
+    with pytest.raises(MissingModelError, match="is not a diffusers pipeline folder: no model_index.json"):
+        load_pretrained_components(tmp_path)
+    (tmp_path / "model_index.json").write_text((sd_folder[0] / "model_index.json").read_text())
+    with pytest.raises(MissingModelError, match="StableDiffusionPipeline folder without vae, scheduler, tokenizer, text_encoder"):
         load_pretrained_components(tmp_path)
 
 

@@ -171,3 +171,19 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
         assert torch.equal(value, both["ranks"][0][name]), f"{name} differs from skipping the step everywhere"
     gap = max((one["ranks"][0][n] - clean["ranks"][0][n]).abs().max().item() for n in one["ranks"][0])
     assert gap > 1e-5  # negative control: the skipped step really changed the outcome
+
+
+@pytest.mark.slow
+def test_sdxl_two_processes_match_one_process(tmp_path):
+    """The SDXL family (two text encoders, micro-conditioning through the added embedding) under DDP."""
+    sdxl = ["model=sdxl_tiny", "trainer.max_steps=4"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(HERE))
+        single = _run(tmp_path, "single", *sdxl, "data.batch_size=8")
+        double = _run(tmp_path, "double", *sdxl, *TWO_PROCESSES)
+    assert [p["dist_world_size"] for p in double["processes"]] == [2, 2]
+    assert single["state"]["global_step"] == double["state"]["global_step"] == 4
+    assert any(k.startswith("denoiser.model.add_embedding.") for k in single["state"]["state_dict"])
+    gap = _denoiser_gap(single, double)
+    print(f"\nSDXL: max UNet weight difference, 1 x 8 vs 2 x 4: {gap:.3g}")
+    assert gap < WEIGHT_TOLERANCE, f"weights differ by {gap}"

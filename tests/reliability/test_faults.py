@@ -127,6 +127,11 @@ def test_checkpoint_from_another_model_config_lists_the_differences(tmp_path, fi
                                          f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}"])
     with pytest.raises(CheckpointError, match=r"different model config .*differing weights.*\n  - .*denoiser\."):
         train(cfg)
+    other_family = compose_train(tmp_path / "x", [*TINY, "model=sdxl_tiny",
+                                                  f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}"])
+    with pytest.raises(CheckpointError, match=r"another model family .*denoiser: unet in the checkpoint, sdxl_unet in "
+                                              r"this config, conditioner: clip in the checkpoint, sdxl in this config"):
+        train(other_family)
 
 
 def half_written_files(folder: Path) -> list[str]:

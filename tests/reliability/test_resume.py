@@ -18,7 +18,7 @@ from conftest import compose_train
 
 HERE = Path(__file__).resolve().parent
 
-BASE = [
+COMMON = [
     "logger=csv",
     "+logger.csv.flush_logs_every_n_steps=1",
     "trainer.enable_progress_bar=false",
@@ -31,18 +31,24 @@ BASE = [
     "data.source.limit=120",
     "data.batch_size=8",
     "data.val_batch_size=16",
-    "model.components.denoiser.block_out_channels=[16,32]",
     "callbacks.checkpoint.every_n_train_steps=4",
     "callbacks.ema.decay=0.9",
     "lr_scheduler.num_warmup_steps=5",
 ]
+BASE = [*COMMON, "model.components.denoiser.block_out_channels=[16,32]"]
+# The SD 3 family: MMDiT under CLIP-L + CLIP-G, flow matching (its transformer has no UNet channel list).
+SD3 = ("model=sd3_tiny", "objective=flow_matching")
+
+
+def _base(overrides) -> list[str]:
+    return COMMON if any(o in overrides for o in (SD3[0], "model=transformer_tiny")) else BASE
 
 
 def run_subprocess(run_dir: Path, overrides: list[str], expect_kill: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(
         [sys.executable, "-m", "sd_lightning.cli.train", f"hydra.run.dir={run_dir}",
-         f"paths.output_root={run_dir.parent}", *BASE, *overrides],
+         f"paths.output_root={run_dir.parent}", *_base(overrides), *overrides],
         capture_output=True, text=True, env=env, timeout=600,
     )
     if expect_kill:
@@ -96,7 +102,7 @@ def reference(tmp_path_factory):
     def get(*extra: str) -> Path:
         if extra not in cache:
             run_dir = tmp_path_factory.mktemp("reference") / "run"
-            train(compose_train(run_dir, [*BASE, *extra]))
+            train(compose_train(run_dir, [*_base(extra), *extra]))
             cache[extra] = run_dir
         return cache[extra]
 
@@ -110,8 +116,9 @@ def reference(tmp_path_factory):
         (10, ()),  # mid-epoch (13 steps per epoch), last checkpoint at step 8
         (14, ()),  # just after an epoch boundary and its validation
         (9, ("trainer.accumulate_grad_batches=2", "data.num_workers=2", "data.random_flip=true")),
+        (10, SD3),  # the SD 3 family: transformer, two CLIP encoders, flow matching
     ],
-    ids=["mid-epoch", "after-epoch-boundary", "accumulation+2-workers"],
+    ids=["mid-epoch", "after-epoch-boundary", "accumulation+2-workers", "sd3-family"],
 )
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path, reference, kill_step, extra):
     run_dir = tmp_path / "run"
