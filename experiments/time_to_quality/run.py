@@ -98,7 +98,7 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="sdl-ttq-") as tmp:
             root = Path(tmp) if args.keep is None else args.keep / f"seed{seed}"
-            root.mkdir(parents=True, exist_ok=False)
+            root.mkdir(parents=True, exist_ok=args.keep is None)  # a kept folder must be new
             for row in run_seed(seed, args.vae, args.diffusion, args.guidance, root, tuple(args.stages)):
                 row = {"recipe": args.name, "stages": args.stages, "vae_overrides": args.vae,
                        "diffusion_overrides": args.diffusion, **row}
