@@ -51,14 +51,13 @@ def export(cfg: DictConfig) -> Path:
                           ", which a plain StableDiffusionPipeline cannot pass class labels to; train class labels "
                           "through prompts instead (data.conditioning=class with data.caption_template)")
     lora = has_lora(denoiser)
-    text_parts = [name for pair in (*family.conditioner_class.parts, *family.conditioner_class.optional_parts)
-                  for name in pair if name.startswith("text_encoder")]
     if cfg.merge_lora and not lora:
         raise ConfigError(f"merge_lora=true: ckpt_path={cfg.ckpt_path} has no LoRA adapters (it is a full model)")
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if lora:
-        parts = {family.denoiser_part: denoiser, **{name: getattr(pipeline, name) for name in text_parts}}
+        encoders = family.conditioner_class.encoder_names()
+        parts = {family.denoiser_part: denoiser, **{name: getattr(pipeline, name) for name in encoders}}
         save_lora(tmp, family.pipeline_class, parts, family.denoiser_part)
         if cfg.merge_lora:
             for module in parts.values():

@@ -67,14 +67,22 @@ class TextConditioner(torch.nn.Module):
     def tokenizers(self) -> list[PreTrainedTokenizerBase]:
         return [getattr(self, t) for t, _ in self.present_parts()]
 
+    @classmethod
+    def part_names(cls) -> list[str]:
+        """Every tokenizer and text-encoder attribute (required, then optional), as the pipeline names them."""
+        return [name for pair in (*cls.parts, *cls.optional_parts) for name in pair]
+
+    @classmethod
+    def encoder_names(cls) -> list[str]:
+        return [encoder for _, encoder in (*cls.parts, *cls.optional_parts)]
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The pipeline keyword arguments of this conditioner: its tokenizers and encoders (absent ones: None)."""
-        names = [name for pair in (*self.parts, *self.optional_parts) for name in pair]
-        return {name: getattr(self, name, None) for name in names}
+        return {name: getattr(self, name, None) for name in self.part_names()}
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, **options: Any) -> TextConditioner:
-        parts = {name: getattr(pipeline, name, None) for pair in (*cls.parts, *cls.optional_parts) for name in pair}
+        parts = {name: getattr(pipeline, name, None) for name in cls.part_names()}
         return cls(**parts, **cls.pipeline_options(pipeline), **options)
 
     @classmethod

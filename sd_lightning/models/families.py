@@ -132,29 +132,30 @@ def supported() -> str:
     return ", ".join(f"{name} ({f.title})" for name, f in FAMILIES.items())
 
 
-def folder_family(path: str | Path) -> Family:
-    """The family of a local diffusers folder, checked from ``model_index.json`` and the component folders."""
+def folder_family(path: str | Path, key: str = "model.path") -> Family:
+    """The family of a local diffusers folder, checked from ``model_index.json`` and the component folders;
+    ``key`` names the setting that pointed at it in the messages."""
     root = Path(path).expanduser()
     index_file = root / "model_index.json"
     if not index_file.is_file():
-        raise MissingModelError(f"model.path={root} is not a diffusers pipeline folder: no model_index.json "
+        raise MissingModelError(f"{key}={root} is not a diffusers pipeline folder: no model_index.json "
                                 f"(supported: {supported()})")
     index = json.loads(index_file.read_text())
     name = index.get("_class_name")
     family = FAMILIES.get(name)
     if family is None:
-        raise UnsupportedModelError(f"model.path={root}: model_index.json names {name!r}, which sd_lightning does not "
+        raise UnsupportedModelError(f"{key}={root}: model_index.json names {name!r}, which sd_lightning does not "
                                     f"train; supported: {supported()}")
     missing = [part for part in family.required_parts
                if not (isinstance(index.get(part), list) and index[part][0]) or not (root / part).is_dir()]
     if missing:
-        raise MissingModelError(f"model.path={root} is a {name} folder without {', '.join(missing)} (a {family.title} "
+        raise MissingModelError(f"{key}={root} is a {name} folder without {', '.join(missing)} (a {family.title} "
                                 f"model needs {', '.join(family.required_parts)})")
     for part, allowed in family.part_classes.items():
         entry = index.get(part)
         found = entry[1] if isinstance(entry, list) and entry[0] else None
         if found is not None and found not in allowed:
-            raise UnsupportedModelError(f"model.path={root}: {part} is a {found}; the {family.title} family trains "
+            raise UnsupportedModelError(f"{key}={root}: {part} is a {found}; the {family.title} family trains "
                                         f"{' or '.join(allowed)}")
     return family
 

@@ -23,7 +23,13 @@ from PIL import Image
 from sd_lightning.diffusion.objectives import Objective
 from sd_lightning.models.builders import DiffusionComponents
 from sd_lightning.models.checkpoint_io import SAMPLING_FILE, CheckpointError, components_from_checkpoint
-from sd_lightning.models.families import CALL_KWARGS, FAMILIES, family_of, supported
+from sd_lightning.models.families import (
+    CALL_KWARGS,
+    MissingModelError,
+    UnsupportedModelError,
+    family_of,
+    folder_family,
+)
 
 
 class LatentSampler:
@@ -116,12 +122,10 @@ def load_pipeline(source: str | Path, scheduler: str | None = None, use_ema: boo
 
 def folder_pipeline(path: Path) -> Any:
     """An exported folder's pipeline, of the family its model_index.json names (safetensors only)."""
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise CheckpointError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
-    name = json.loads(index_file.read_text()).get("_class_name")
-    if name not in FAMILIES:
-        raise CheckpointError(f"{path}: model_index.json names {name!r}; supported: {supported()}")
-    pipeline = FAMILIES[name].load(path, safetensors_only=True)
+    try:
+        family = folder_family(path, key="ckpt_path")
+    except (MissingModelError, UnsupportedModelError) as err:
+        raise CheckpointError(str(err)) from err
+    pipeline = family.load(path, safetensors_only=True)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
