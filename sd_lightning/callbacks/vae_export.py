@@ -14,13 +14,15 @@ from sd_lightning.models.autoencoder import fold_latent_standardization
 
 log = logging.getLogger(__name__)
 
-STANDARDIZATIONS = ("global", "per_channel")
+STANDARDIZATIONS = ("global", "shifted", "per_channel")
 
 
 class VaeExportCallback(L.Callback):
     """At the end of fit, measures the training latents' statistics and writes ``out_dir`` atomically.
 
     ``standardization``: ``global`` sets the VAE's ``scaling_factor`` to 1/std over all latent values (as SD 1.x);
+    ``shifted`` also sets ``shift_factor`` to their mean (SD 3's VAE: latents = (z - shift) · scale; only SD 3's
+    pipeline reads the shift, so the SD 1.x/2.x and SDXL families refuse such a VAE);
     ``per_channel`` folds each channel's mean and std from the training split into the VAE's latent 1x1
     convolutions (see ``fold_latent_standardization``) and sets ``scaling_factor`` to 1, so diffusion sees
     zero-mean unit-variance channels and the exported VAE still works in a plain diffusers pipeline. The
@@ -49,13 +51,17 @@ class VaeExportCallback(L.Callback):
             self.scaling_factor = 1.0
         else:
             self.scaling_factor = 1.0 / stats.overall_std
+        if self.standardization == "shifted":
+            vae.register_to_config(shift_factor=stats.overall_mean)
         vae.register_to_config(scaling_factor=self.scaling_factor)
         tmp = self.out_dir.with_name(self.out_dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / "latent_statistics.json").write_text(json.dumps(
             {"standardization": self.standardization, "scaling_factor": self.scaling_factor,
-             "channel_mean": stats.mean, "channel_std": stats.std, "overall_std": stats.overall_std,
+             "shift_factor": vae.config.get("shift_factor"),
+             "channel_mean": stats.mean, "channel_std": stats.std, "overall_mean": stats.overall_mean,
+             "overall_std": stats.overall_std,
              "max_batches": self.max_batches}, indent=2) + "\n")
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)

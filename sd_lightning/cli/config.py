@@ -63,7 +63,7 @@ def check_data(problems: list[str], cfg: DictConfig) -> None:
 # Small pieces whose constructors check their own arguments: built once here, before any heavy work, so each
 # rule has one source (the piece) and still fails early, naming the key.
 CHECKED_PIECES = ("objective", "timesteps", "noise", "input_perturbation", "loss", "weighting",
-                  "model.components.lora")
+                  "adapter")
 
 
 def check_pieces(problems: list[str], cfg: DictConfig) -> None:

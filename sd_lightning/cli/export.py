@@ -1,9 +1,12 @@
 """sdl-export: write the model's family pipeline folder (StableDiffusionPipeline, StableDiffusionXLPipeline or
 StableDiffusion3Pipeline; safetensors, EMA weights by default).
 
-For a LoRA run it writes the adapters instead (``pytorch_lora_weights.safetensors``, which
-``pipe.load_lora_weights(out_dir)`` of that family's pipeline reads) and, with ``merge_lora=true``, also the
-pipeline with the adapters folded into its weights in ``out_dir/merged``.
+For an adapter run (``adapter=lora|dora``) it writes the adapters instead (``pytorch_lora_weights.safetensors``,
+which ``pipe.load_lora_weights(out_dir)`` of that family's pipeline reads) and, with ``merge_adapters=true``, also
+the pipeline with the adapters folded into its weights in ``out_dir/merged``. A LoRA of SD 1.x/2.x or SDXL is also
+written in kohya's keys (``kohya_lora.safetensors``), the file AUTOMATIC1111 and ComfyUI load. LoHa and LoKr have
+no file diffusers loads: their export is the family pipeline with the adapters merged (``out_dir`` itself). A
+textual-inversion run exports its embedding file (``learned_embeds.safetensors``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,18 @@ import hydra
 from omegaconf import DictConfig
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, missing_keys, run_entry
+from sd_lightning.models.adapters import (
+    KOHYA_WEIGHTS_FILE,
+    has_adapters,
+    loads_as_lora,
+    merge_adapters,
+    save_kohya_lora,
+    save_lora,
+)
 from sd_lightning.models.checkpoint_io import SAMPLING_FILE
 from sd_lightning.models.families import FAMILIES
-from sd_lightning.models.lora import has_lora, merge_lora, save_lora
 from sd_lightning.models.pipelines import LatentSampler, load_pipeline
+from sd_lightning.models.textual_inversion import EMBEDDINGS_FILE, placeholder_encoders, save_embeddings
 
 
 def export(cfg: DictConfig) -> Path:
@@ -50,31 +61,53 @@ def export(cfg: DictConfig) -> Path:
                           f"{unet_config.get('num_class_embeds')}, class_embed_type={unet_config.get('class_embed_type')})"
                           ", which a plain StableDiffusionPipeline cannot pass class labels to; train class labels "
                           "through prompts instead (data.conditioning=class with data.caption_template)")
-    lora = has_lora(denoiser)
-    if cfg.merge_lora and not lora:
-        raise ConfigError(f"merge_lora=true: ckpt_path={cfg.ckpt_path} has no LoRA adapters (it is a full model)")
+    encoders = {name: getattr(pipeline, name) for name in family.conditioner_class.encoder_names()}
+    if placeholder_encoders(encoders):
+        return _export_embeddings(cfg, out_dir, encoders, sampling)
+    adapted = has_adapters(denoiser)
+    if cfg.merge_adapters and not adapted:
+        raise ConfigError(f"merge_adapters=true: ckpt_path={cfg.ckpt_path} has no adapters (it is a full model)")
+    lora_file = adapted and loads_as_lora(denoiser)
+    parts = {family.denoiser_part: denoiser, **encoders}
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        encoders = family.conditioner_class.encoder_names()
-        parts = {family.denoiser_part: denoiser, **{name: getattr(pipeline, name) for name in encoders}}
+    kohya = None
+    if lora_file:
         save_lora(tmp, family.pipeline_class, parts, family.denoiser_part)
-        if cfg.merge_lora:
-            for module in parts.values():
-                if module is not None:
-                    merge_lora(module)
-            pipeline.save_pretrained(tmp / "merged", safe_serialization=True)
-            (tmp / "merged" / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
-    else:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
+        kohya = save_kohya_lora(tmp / KOHYA_WEIGHTS_FILE, parts)
+    if adapted and (cfg.merge_adapters or not lora_file):
+        for module in parts.values():
+            if has_adapters(module):
+                merge_adapters(module)
+    merged = tmp / "merged" if lora_file else tmp
+    if not lora_file or cfg.merge_adapters:
+        pipeline.save_pretrained(merged, safe_serialization=True)
+        (merged / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
     (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    what = f"a {type(pipeline).__name__}"
-    if lora:
-        what = "LoRA adapters" + (" and the merged pipeline (merged/)" if cfg.merge_lora else "")
+    what = f"a {type(pipeline).__name__}" + (" with the adapters merged" if adapted and not lora_file else "")
+    if lora_file:
+        what = ("LoRA adapters" + (f" (diffusers; kohya keys: {KOHYA_WEIGHTS_FILE})" if kohya else "")
+                + (" and the merged pipeline (merged/)" if cfg.merge_adapters else ""))
     print(f"sdl-export: wrote {what} to {out_dir} (sampling defaults: {sampling})")
+    return out_dir
+
+
+def _export_embeddings(cfg: DictConfig, out_dir: Path, encoders: dict, sampling: dict) -> Path:
+    """A textual-inversion run: the learned embedding file, for ``pipe.load_textual_inversion(file, token=…)``."""
+    token = next(iter(placeholder_encoders(encoders).values())).token
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_embeddings(tmp / EMBEDDINGS_FILE, encoders)
+    (tmp / SAMPLING_FILE).write_text(json.dumps({**sampling, "placeholder_token": token}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    print(f"sdl-export: wrote the textual-inversion embedding of {token} to {out_dir / EMBEDDINGS_FILE} "
+          f"(pipe.load_textual_inversion(file, token={token!r}))")
     return out_dir
 
 

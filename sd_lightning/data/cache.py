@@ -19,7 +19,7 @@ Posterior: training draws ``mean + std * eps`` with the step's seeded generator,
 (the posterior mode), so cached and uncached runs give the same losses and validation metrics up to float
 rounding of batched convolutions. Random flips are reproduced by drawing the flip from the same per-(seed,
 id, epoch) ``random.Random`` that ``ImageTransform`` uses, picking the stored flipped or plain latent.
-Random crops, color jitter, aspect-ratio buckets and tag shuffling change the pixels or prompts every epoch,
+Random crops, color jitter, aspect-ratio buckets, tag shuffling and tag dropout change the pixels or prompts every epoch,
 so a cache refuses them.
 
 The fingerprint covers the VAE encoder weights (``encoder.*``, ``quant_conv.*``; the decoder and
@@ -147,6 +147,10 @@ def check_cacheable(datamodule: Any) -> None:
         problems.append("aspect-ratio buckets (data.buckets): use data.buckets=null")
     if datamodule.captions.shuffle_tags:
         problems.append("tag shuffling (data.shuffle_tags=true): use data.shuffle_tags=false")
+    if getattr(datamodule, "masks", "none") != "none":
+        problems.append(f"loss masks (data.masks={datamodule.masks}): use data.masks=none")
+    if datamodule.captions.tag_dropout > 0:
+        problems.append(f"tag dropout (data.tag_dropout={datamodule.captions.tag_dropout}): use data.tag_dropout=0")
     if problems:
         raise CacheError("data.cache stores one deterministic encoding per image, which cannot represent "
                          + "; ".join(problems) + " — or train without the cache: data.cache=null")
@@ -203,7 +207,7 @@ def write_cache(path: str | Path, datamodule: Any, encoders: FrozenEncoders, bat
     check_cacheable(datamodule)
     if getattr(encoders, "train_text_encoder", False):
         raise CacheError("data.cache stores frozen text-encoder outputs, but this model trains the text encoder "
-                         "(model.components.conditioner.train_text_encoder / model.components.lora.text_encoder): train without a cache")
+                         "(model.components.conditioner.train_text_encoder / adapter.text_encoder): train without a cache")
     path = Path(path).expanduser().resolve()
     source = datamodule.source
     captions = [datamodule.captions(item, None) or NULL_PROMPT for item in source.items]
@@ -406,7 +410,7 @@ class LatentCache:
                              "cannot train from it: set data.cache=null")
         if getattr(encoders, "train_text_encoder", False):
             raise CacheError("data.cache holds frozen text-encoder outputs, but this model trains the text encoder "
-                             "(model.components.conditioner.train_text_encoder / model.components.lora.text_encoder): set data.cache=null")
+                             "(model.components.conditioner.train_text_encoder / adapter.text_encoder): set data.cache=null")
         current = model_fingerprint(encoders.vae, encoders.text_encoders, encoders.tokenizers, self.prompts,
                                     encoders.conditioner_kind)
         names = {"vae": "VAE encoder weights", "text_encoder": "text-encoder weights", "tokenizer": "tokenizer",

@@ -8,6 +8,7 @@ from typing import Any
 
 CONDITIONING_MODES = ("text", "class", "none")
 UNLABELED_POLICIES = ("null_prompt", "drop")
+MASK_MODES = ("files", "alpha", "none")
 
 
 def check_value(problems: list[str], key: str, value: Any, kind: type, low: float | None = None,
@@ -36,6 +37,7 @@ NUMBERS: dict[str, tuple[type, float | None, float | None, bool]] = {
     "labeled_fraction": (float, 0.0, 1.0, False),
     "labeled_oversample": (int, 1, None, False),
     "keep_tokens": (int, 0, None, False),
+    "tag_dropout": (float, 0.0, 0.99, False),
     "max_zoom": (float, 1.0, 4.0, False),
 }
 
@@ -52,6 +54,8 @@ def data_problems(values: Mapping[str, Any]) -> list[str]:
                         + ", ".join(repr(m) for m in CONDITIONING_MODES[:-1]) + f" or {CONDITIONING_MODES[-1]!r}")
     if "unlabeled" in values and values["unlabeled"] not in UNLABELED_POLICIES:
         problems.append(f"data.unlabeled={values['unlabeled']!r} must be " + " or ".join(map(repr, UNLABELED_POLICIES)))
+    if "masks" in values and values["masks"] not in MASK_MODES:
+        problems.append(f"data.masks={values['masks']!r} must be " + ", ".join(map(repr, MASK_MODES)))
     template = values.get("caption_template")
     if template is not None and "{class_name}" not in str(template):
         problems.append(f"data.caption_template={template!r} must contain '{{class_name}}'")

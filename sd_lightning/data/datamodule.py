@@ -16,7 +16,7 @@ from sd_lightning.data.cache import AUTO, open_cached_datasets
 from sd_lightning.data.checks import NUMBERS, data_problems, require
 from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 from sd_lightning.data.samplers import ResumableShuffleSampler, ShardedEvalSampler
-from sd_lightning.data.sources import ImageSource, read_exclusions
+from sd_lightning.data.sources import MASK_SUFFIX, ImageSource, read_exclusions
 from sd_lightning.data.split import split_fraction, split_indices, stable_seed
 from sd_lightning.data.transforms import CaptionTransform, ColorJitter, ImageTransform
 
@@ -33,8 +33,8 @@ class DiffusionDataModule(L.LightningDataModule):
     Augmentation (``center_crop``, ``random_flip``, ``color_jitter``, ``max_zoom``; presets in ``conf/augmentation``) is
     drawn per (seed, epoch, sample). ``buckets`` (e.g. ``{multiple: 8, max_aspect: 2.0}``, see ``buckets.py``)
     trains on aspect-ratio buckets; validation stays square center-cropped, so validation numbers compare
-    across bucket settings. ``conditioning``, ``caption_template``, ``labeled_fraction``, ``shuffle_tags`` and
-    ``keep_tokens`` choose the prompts (see ``CaptionTransform``).
+    across bucket settings. ``conditioning``, ``caption_template``, ``labeled_fraction``, ``shuffle_tags``,
+    ``keep_tokens``, ``tag_dropout`` and ``trigger_word`` choose the prompts (see ``CaptionTransform``).
     """
 
     def __init__(
@@ -60,6 +60,8 @@ class DiffusionDataModule(L.LightningDataModule):
         labeled_fraction: float = 1.0,
         shuffle_tags: bool = False,
         keep_tokens: int = 0,
+        tag_dropout: float = 0.0,
+        trigger_word: str | None = None,
         root: str | None = None,
         cache: str | None = None,
         train_fraction: float = 1.0,
@@ -67,6 +69,7 @@ class DiffusionDataModule(L.LightningDataModule):
         max_zoom: float = 1.0,
         labeled_oversample: int = 1,
         cache_workers: int | None = None,
+        masks: str = "files",
     ) -> None:
         """``stateful=False`` uses a plain DataLoader, whose position a checkpoint cannot hold (a resumed
         run then sees other batches); it exists to demonstrate that, not for real runs. ``root`` is the
@@ -78,15 +81,24 @@ class DiffusionDataModule(L.LightningDataModule):
         prompt (semi-supervised); ``drop`` leaves them out of training (the labeled-only baseline).
         ``labeled_oversample`` = k puts each labeled training item k times into every epoch (each copy with its own
         noise and augmentation), so that a few labels are seen often enough for the condition to be learned.
-        ``cache_workers``: loader workers of a cache build (``sdl-data cache``, ``data.cache=auto``), not of training."""
+        ``cache_workers``: loader workers of a cache build (``sdl-data cache``, ``data.cache=auto``), not of training.
+        ``masks``: loss masks for training — ``files`` (``<stem>.mask.png`` beside an image, when any exists),
+        ``alpha`` (the images' alpha channels) or ``none``; validation metrics stay unmasked."""
         super().__init__()
         require(data_problems({k: v for k, v in locals().items() if k in NUMBERS or k in (
-            "conditioning", "unlabeled", "caption_template", "buckets", "cache", "center_crop")}))
+            "conditioning", "unlabeled", "caption_template", "buckets", "cache", "center_crop", "masks")}))
         self.source = source
         self.transform = ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip,
                                         color_jitter=color_jitter, max_zoom=max_zoom)
-        self.captions = CaptionTransform(conditioning, caption_template, labeled_fraction, shuffle_tags, keep_tokens)
+        self.captions = CaptionTransform(conditioning, caption_template, labeled_fraction, shuffle_tags, keep_tokens,
+                                         tag_dropout, trigger_word)
 
+        items = getattr(source, "items", ())
+        # What training reads: "none" unless asked for alpha, or mask files lie beside some images.
+        self.masks = masks if masks == "alpha" or (masks == "files" and any(i.mask for i in items)) else "none"
+        if self.masks == "files":
+            log.info("loss masks: %d of %d images have a %s file", sum(bool(i.mask) for i in items), len(items),
+                     MASK_SUFFIX)
         self.buckets = None if buckets is None else AspectRatioBuckets(resolution, **buckets)
         self.train_bucket_ids: list[int] | None = None
         self.eval_transform = ImageTransform(resolution=resolution, center_crop=True, random_flip=False)
@@ -152,7 +164,7 @@ class DiffusionDataModule(L.LightningDataModule):
             log.info("labeled oversampling: %d labeled items x %d, %d samples per epoch",
                      sum(r > 1 for r in repeats), self.labeled_oversample, sum(repeats))
         self.train_dataset = DiffusionDataset(self.source, train, self.transform, self.seed, augment=True,
-                                              captions=self.captions, sizes=sizes, repeats=repeats)
+                                              captions=self.captions, sizes=sizes, repeats=repeats, masks=self.masks)
         self.val_dataset = DiffusionDataset(self.source, val, self.eval_transform, self.seed, augment=False,
                                             captions=self.captions)
         if self.cache == AUTO:

@@ -23,11 +23,14 @@ class DiffusionDataset(Dataset):
 
     ``sizes`` gives each position's (width, height) aspect-ratio bucket (None = square ``resolution``);
     ``captions`` decides the prompt (None = the source's caption); an unlabeled item gets the null prompt "".
+    ``masks`` (``files`` / ``alpha``) adds each example's ``loss_mask`` [1, H, W] (ones for an image without one);
+    ``none`` adds none.
     """
 
     def __init__(self, source: ImageSource, indices: Sequence[int], transform: ImageTransform, seed: int = 0,
                  augment: bool = True, captions: CaptionTransform | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None, repeats: Sequence[int] | None = None) -> None:
+                 sizes: Sequence[tuple[int, int]] | None = None, repeats: Sequence[int] | None = None,
+                 masks: str = "none") -> None:
         self.source = source
         self.indices = list(indices)
         # (position, occurrence) per sample of an epoch when some items repeat (labeled oversampling).
@@ -38,6 +41,7 @@ class DiffusionDataset(Dataset):
         self.augment = augment
         self.captions = captions
         self.sizes = sizes
+        self.masks = masks
         self.unreadable: set[str] = set()  # reported once each (per loader worker), not again every epoch
         self.epoch = 0
 
@@ -53,6 +57,7 @@ class DiffusionDataset(Dataset):
         item = self.source.items[index]
         try:
             image = self.source.load_image(index)
+            mask = self.source.load_mask(index, self.masks) if self.masks != "none" else None
         except UnreadableImageError as err:
             if item.id not in self.unreadable:
                 self.unreadable.add(item.id)
@@ -66,8 +71,11 @@ class DiffusionDataset(Dataset):
         if self.captions is not None:
             tag_rng = random.Random(stable_seed(self.seed, "tags", sample_id, epoch)) if self.augment else None
             caption = self.captions(item, tag_rng)
-        pixels, micro = self.transform.apply(image, rng, size)
-        return {"pixel_values": pixels, "micro_conditioning": micro, "prompt": caption or "", "id": sample_id}
+        pixels, micro, weights = self.transform.apply_masked(image, mask, rng, size)
+        example = {"pixel_values": pixels, "micro_conditioning": micro, "prompt": caption or "", "id": sample_id}
+        if self.masks != "none":
+            example["loss_mask"] = weights if weights is not None else torch.ones(1, *pixels.shape[1:])
+        return example
 
 
 def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -76,10 +84,13 @@ def collate_examples(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any
     if not kept:
         return {"pixel_values": torch.empty(0), "micro_conditioning": torch.empty(0, 6), "prompt": [], "id": [],
                 "num_skipped": len(examples)}
-    return {
+    batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in kept]),
         "micro_conditioning": torch.stack([e["micro_conditioning"] for e in kept]),
         "prompt": [e["prompt"] for e in kept],
         "id": [e["id"] for e in kept],
         "num_skipped": len(examples) - len(kept),
     }
+    if "loss_mask" in kept[0]:
+        batch["loss_mask"] = torch.stack([e["loss_mask"] for e in kept])
+    return batch

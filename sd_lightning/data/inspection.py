@@ -35,7 +35,7 @@ from sd_lightning.data.report import (
     Reason,
     Severity,
 )
-from sd_lightning.data.sources import DataRootError, resolve_inside
+from sd_lightning.data.sources import DataRootError, is_mask_file, resolve_inside
 
 # Leading bytes of formats PIL reads: a file starting with one of these is a damaged image, not "not an image".
 _MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
@@ -158,6 +158,8 @@ def scan_folder(root: str | Path, settings: InspectSettings, tokenizer: Callable
     extensions = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in settings.extensions}
     metadata_file, texts = _metadata_rows(root)
     files, links = _walk(root)
+    masks = [f for f in files if is_mask_file(f)]  # loss masks beside images: not training items, not flagged
+    files = [f for f in files if not is_mask_file(f)]
     problems: list[Problem] = []
 
     seen: set[tuple[str, Reason]] = set()
@@ -212,7 +214,8 @@ def scan_folder(root: str | Path, settings: InspectSettings, tokenizer: Callable
     problems.sort(key=lambda p: (p.file, order[p.reason]))
     limit = int(tokenizer.model_max_length)
     counts = {
-        "files": len(files) + len(links), "symlinks": len(links), "image_files": sum(
+        "files": len(files) + len(masks) + len(links), "symlinks": len(links), "mask_files": len(masks),
+        "image_files": sum(
             Path(f).suffix.lower() in extensions for f in files),
         "training_items": len(training_ids),
         "decoded": sum(r.width is not None for r in records),

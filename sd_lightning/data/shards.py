@@ -392,6 +392,9 @@ class ShardDataModule(DiffusionDataModule):
             if kwargs.get(key) is not None:
                 raise ValueError(f"data.{key} is not supported with data=shards (streamed, no random access); "
                                  f"remove it or train from the image folder")
+        if kwargs.get("masks") == "alpha":
+            raise ValueError("data.masks=alpha is not supported with data=shards; set data.masks=none or train from "
+                             "the image folder")
         if kwargs.get("labeled_oversample", 1) != 1:
             raise ValueError("data.labeled_oversample is not supported with data=shards (streamed); set it to 1 or "
                              "train from the image folder")

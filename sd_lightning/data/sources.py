@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_CAPTION_TEMPLATE = "a handwritten digit {name}"
+# A loss mask beside an image (``cat.jpg`` → ``cat.mask.png``): white trains, black is ignored. Never a training item.
+MASK_SUFFIX = ".mask.png"
+
+
+def is_mask_file(name: str) -> bool:
+    return name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_file_of(relative: str) -> str:
+    path = Path(relative)
+    return path.with_name(path.stem + MASK_SUFFIX).as_posix()
 
 
 class UnreadableImageError(RuntimeError):
@@ -34,11 +45,13 @@ class DataRootError(ValueError):
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One training example before decoding: a stable id, its caption (None = unlabeled) and class name, if any."""
+    """One training example before decoding: a stable id, its caption (None = unlabeled) and class name, if any,
+    and its loss mask file (relative to the root), if one lies beside it."""
 
     id: str
     caption: str | None
     label: str | None = None
+    mask: str | None = None
 
 
 class ImageSource:
@@ -55,6 +68,10 @@ class ImageSource:
     def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) of an item, for aspect-ratio buckets; sources override it with something cheaper."""
         return self.load_image(index).size
+
+    def load_mask(self, index: int, mode: str) -> Image.Image | None:
+        """The item's loss mask (mode ``L``, the image's size), or None: this source has no masks."""
+        return None
 
     def describe(self) -> str:
         return f"{type(self).__name__}({len(self)} items)"
@@ -149,13 +166,18 @@ class ImageFolderSource(ImageSource):
             relative_paths = sorted(
                 p.relative_to(self.root).as_posix()
                 for p in self.root.rglob("*")
-                if p.is_file() and p.suffix.lower() in extensions and not p.is_symlink()
+                if p.is_file() and p.suffix.lower() in extensions and not p.is_symlink() and not is_mask_file(p.name)
             )
             relative_paths = [p for p in relative_paths if p not in excluded]
         if not relative_paths:
             raise DataRootError(f"no images found under data.root={self.root} (extensions: {sorted(extensions)})")
-        self.items = [SourceItem(id=rel, caption=self._caption(rel, metadata), label=self._label(rel))
-                      for rel in relative_paths]
+        self.items = [SourceItem(id=rel, caption=self._caption(rel, metadata), label=self._label(rel),
+                                 mask=self._mask(rel)) for rel in relative_paths]
+
+    def _mask(self, relative: str) -> str | None:
+        name = mask_file_of(relative)
+        path = resolve_inside(self.root, name)
+        return name if path.is_file() and not path.is_symlink() else None
 
     @staticmethod
     def _label(relative: str) -> str | None:
@@ -187,6 +209,28 @@ class ImageFolderSource(ImageSource):
                 return image.convert("RGB")
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as err:
             raise UnreadableImageError(f"{path}: {type(err).__name__}: {err}") from err
+
+    def load_mask(self, index: int, mode: str) -> Image.Image | None:
+        """``files``: the ``<stem>.mask.png`` beside the image; ``alpha``: the image's alpha channel (None for an
+        image without one). Resized to the image when their sizes differ; an unreadable mask skips the sample."""
+        item = self.items[index]
+        path = resolve_inside(self.root, item.mask) if mode == "files" and item.mask else None
+        if mode == "alpha":
+            path = self.path(index)
+        if path is None:
+            return None
+        try:
+            with Image.open(path) as image:
+                if mode == "files":
+                    mask = image.convert("L")
+                elif "A" in image.getbands() or "transparency" in image.info:
+                    mask = image.convert("RGBA").getchannel("A")
+                else:
+                    return None
+                size = self.image_size(index)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as err:
+            raise UnreadableImageError(f"{path} (loss mask): {type(err).__name__}: {err}") from err
+        return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
 
 
 LFW_FACE_CAPTION = "a photo of a face"

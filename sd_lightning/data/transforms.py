@@ -85,6 +85,14 @@ class ImageTransform:
               size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The pixels and the crop's micro-conditioning ids as SDXL trains with them: (original height, width,
         crop top, crop left — in the resized image, mirrored with a flip — target height, width)."""
+        pixels, ids, _ = self.apply_masked(image, None, rng, size)
+        return pixels, ids
+
+    def apply_masked(self, image: Image.Image, mask: Image.Image | None, rng: random.Random | None = None,
+                     size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``apply`` with a loss mask (mode ``L``, the image's size) resized, cropped and flipped exactly as the
+        pixels (separately: resizing them together as RGBA would premultiply the colors by the mask); returned as
+        [1, H, W] in [0, 1], or None without a mask."""
         rng = rng or random.Random(0)
         image = image.convert("RGB")
         target_w, target_h = size or (self.resolution, self.resolution)
@@ -94,23 +102,27 @@ class ImageTransform:
         if self.max_zoom > 1.0:
             scale *= rng.uniform(1.0, self.max_zoom)
         new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+        layers = [image] if mask is None else [image, mask]
         if new_size != image.size:
-            image = image.resize(new_size, self.resample)
-        width, height = image.size
+            layers = [layer.resize(new_size, self.resample if k == 0 else Image.Resampling.BILINEAR)
+                      for k, layer in enumerate(layers)]
+        width, height = layers[0].size
         if self.center_crop:
             left, top = (width - target_w) // 2, (height - target_h) // 2
         else:
             left, top = rng.randint(0, width - target_w), rng.randint(0, height - target_h)
         crop_left = left
-        image = image.crop((left, top, left + target_w, top + target_h))
+        layers = [layer.crop((left, top, left + target_w, top + target_h)) for layer in layers]
         if self.random_flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            layers = [layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for layer in layers]
             crop_left = width - left - target_w
+        image = layers[0]
         if self.color_jitter is not None:
             image = self.color_jitter(image, rng)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         ids = torch.tensor([*original, top, crop_left, target_h, target_w], dtype=torch.float32)
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), ids
+        weights = None if mask is None else torch.from_numpy(np.asarray(layers[1], dtype=np.float32) / 255.0)[None]
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), ids, weights
 
 
 class CaptionTransform:
@@ -120,19 +132,31 @@ class CaptionTransform:
     class name) or ``none`` (always the null prompt, unconditional). ``labeled_fraction`` keeps a condition
     for a stable share of items, chosen by a hash of the id (independent of the train/validation split);
     the rest return ``None``, which the dataset turns into the null prompt ``""`` — the same empty prompt
-    that condition dropout trains for classifier-free guidance. ``shuffle_tags`` shuffles comma-separated
-    tags after the first ``keep_tokens`` (as kohya sd-scripts), with the caller's per-sample ``rng``.
+    that condition dropout trains for classifier-free guidance. Tag handling, as kohya sd-scripts does it, with the
+    caller's per-sample ``rng`` (training only; validation and the latent cache pass none): ``tag_dropout`` drops
+    each comma-separated tag after the first ``keep_tokens`` with that probability, ``shuffle_tags`` shuffles
+    them. ``trigger_word`` leads every labeled caption (never dropped or shuffled; alone for an item without a
+    caption), so a fine-tune ties what it learns to that word.
     """
 
     def __init__(self, conditioning: str = "text", caption_template: str = "{class_name}",
-                 labeled_fraction: float = 1.0, shuffle_tags: bool = False, keep_tokens: int = 0) -> None:
+                 labeled_fraction: float = 1.0, shuffle_tags: bool = False, keep_tokens: int = 0,
+                 tag_dropout: float = 0.0, trigger_word: str | None = None) -> None:
         require(data_problems({"conditioning": conditioning, "caption_template": caption_template,
-                               "labeled_fraction": labeled_fraction, "keep_tokens": keep_tokens}))
+                               "labeled_fraction": labeled_fraction, "keep_tokens": keep_tokens,
+                               "tag_dropout": tag_dropout}))
         self.conditioning = conditioning
         self.caption_template = caption_template
         self.labeled_fraction = labeled_fraction
         self.shuffle_tags = shuffle_tags
         self.keep_tokens = keep_tokens
+        self.tag_dropout = tag_dropout
+        self.trigger_word = trigger_word.strip() if trigger_word and trigger_word.strip() else None
+
+    @property
+    def varies(self) -> bool:
+        """Whether the prompt of an item changes from epoch to epoch (then a latent cache cannot hold it)."""
+        return self.shuffle_tags or self.tag_dropout > 0
 
     def is_labeled(self, item_id: str) -> bool:
         """Stable per id: the salt differs from the split's, so labeled items are spread over both splits."""
@@ -145,16 +169,23 @@ class CaptionTransform:
             caption = None if item.label is None else self.caption_template.format(class_name=item.label)
         else:
             caption = item.caption
-        if caption is not None and self.shuffle_tags and rng is not None:
-            caption = shuffle_tags(caption, rng, self.keep_tokens)
+        if caption is not None and self.varies and rng is not None:
+            caption = edit_tags(caption, rng, self.keep_tokens, self.tag_dropout, self.shuffle_tags)
+        if self.trigger_word is not None:
+            caption = self.trigger_word if not caption else f"{self.trigger_word}, {caption}"
         return caption
 
 
-def shuffle_tags(caption: str, rng: random.Random, keep_tokens: int = 0) -> str:
-    """Shuffle the comma-separated tags of ``caption``, keeping the first ``keep_tokens`` in place."""
+def edit_tags(caption: str, rng: random.Random, keep_tokens: int = 0, dropout: float = 0.0,
+              shuffle: bool = True) -> str:
+    """Drop each comma-separated tag of ``caption`` after the first ``keep_tokens`` with probability ``dropout``,
+    then shuffle the rest (``shuffle``); the kept ones stay in front, in order."""
     tags: Sequence[str] = [t.strip() for t in caption.split(",") if t.strip()]
     kept, rest = list(tags[:keep_tokens]), list(tags[keep_tokens:])
-    rng.shuffle(rest)
+    if dropout > 0:
+        rest = [tag for tag in rest if rng.random() >= dropout]
+    if shuffle:
+        rng.shuffle(rest)
     return ", ".join(kept + rest)
 
 

@@ -20,6 +20,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sd_lightning.diffusion.schedules import sampling_scheduler
+from sd_lightning.diffusion.timesteps import LogitNormalTimesteps, TimestepDistribution, UniformTimesteps
 
 
 def _view(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -70,6 +71,10 @@ class Objective:
 
     # The sampler ``sampling.scheduler=null`` picks (what a pretrained folder of this objective usually samples with).
     default_sampler: str = "ddim"
+
+    def default_timesteps(self) -> TimestepDistribution:
+        """What ``timesteps=auto`` trains on: the distribution this objective's pretrained models were trained with."""
+        return UniformTimesteps()
 
     def sampling_scheduler(self, name: str) -> SchedulerMixin:
         """The diffusers scheduler that samples (and is exported with) this objective."""
@@ -237,6 +242,9 @@ class FlowMatchingObjective(Objective):
 
     default_sampler = "flow_euler"
 
+    def default_timesteps(self) -> TimestepDistribution:
+        return LogitNormalTimesteps()  # SD 3's training density (Esser et al. 2024, sec. 3.1)
+
     def sampling_scheduler(self, name: str = "flow_euler") -> SchedulerMixin:
         if name not in FLOW_SCHEDULERS:
             raise ValueError(f"sampling.scheduler={name!r} cannot sample a flow-matching model: use one of "
@@ -305,3 +313,8 @@ def from_pretrained(path: str) -> Objective:
     if not file.is_file():
         raise FileNotFoundError(f"model.path={path} is not a diffusers folder: no scheduler/scheduler_config.json")
     return objective_from_scheduler_config(json.loads(file.read_text()), str(path))
+
+
+def timesteps_from_pretrained(path: str) -> TimestepDistribution:
+    """``timesteps=auto``: the density the folder's objective trains with (logit-normal for SD 3, else uniform)."""
+    return from_pretrained(path).default_timesteps()

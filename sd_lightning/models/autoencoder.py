@@ -180,7 +180,8 @@ class AutoencoderModule(L.LightningModule):
         std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
         overall_mean = total.sum() / (count * len(total))
         overall_var = total_sq.sum() / (count * len(total)) - overall_mean.pow(2)
-        return LatentStatistics(mean=mean.tolist(), std=std.tolist(), overall_std=float(overall_var.clamp_min(1e-12).sqrt()))
+        return LatentStatistics(mean=mean.tolist(), std=std.tolist(), overall_mean=float(overall_mean),
+                                overall_std=float(overall_var.clamp_min(1e-12).sqrt()))
 
     def compute_scaling_factor(self, batches: Iterable[dict[str, Any]], max_batches: int | None = None) -> float:
         """1 / std of the training latents, the number SD 1.x hard-codes as 0.18215 for its own VAE."""
@@ -204,10 +205,11 @@ class AutoencoderModule(L.LightningModule):
 
 @dataclass(frozen=True)
 class LatentStatistics:
-    """Per-channel mean/std of the training latents and the std over all channels."""
+    """Per-channel mean/std of the training latents and the mean/std over all channels."""
 
     mean: list[float]
     std: list[float]
+    overall_mean: float
     overall_std: float
 
 

@@ -18,10 +18,11 @@ from transformers import (
     T5EncoderModel,
 )
 
+from sd_lightning.models.adapters import Adapter, inject_adapters
 from sd_lightning.models.conditioners import SD3Conditioner, SDXLConditioner, TextConditioner
 from sd_lightning.models.denoisers import Denoiser, build_unet, prepare_denoiser
-from sd_lightning.models.families import MissingModelError, denoiser_config, folder_family
-from sd_lightning.models.lora import LoraSpec, inject_lora
+from sd_lightning.models.families import MissingModelError, denoiser_config, family_of, folder_family
+from sd_lightning.models.textual_inversion import TextualInversion, inject_textual_inversion
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class DiffusionComponents:
     denoiser: Denoiser
     vae: AutoencoderKL
     conditioner: TextConditioner
-    lora: LoraSpec | None = None
+    adapter: Adapter | None = None
+    textual_inversion: TextualInversion | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -158,17 +160,24 @@ def build_sd3_conditioner(text_encoder: dict | None = None, text_encoder_2: dict
 
 
 
-def _finish(denoiser: Denoiser, vae: AutoencoderKL, conditioner: TextConditioner, lora: LoraSpec | None,
-            gradient_checkpointing: bool, attention: str, channels_last: bool, compile: str | None
-            ) -> DiffusionComponents:
-    """Freeze what does not train, inject adapters, apply the speed switches: once, for every backbone."""
+def _finish(denoiser: Denoiser, vae: AutoencoderKL, conditioner: TextConditioner, adapter: Adapter | None,
+            gradient_checkpointing: bool, attention: str, channels_last: bool, compile: str | None,
+            textual_inversion: TextualInversion | None = None) -> DiffusionComponents:
+    """Freeze what does not train, inject adapters or placeholder tokens, apply the speed switches: once, for
+    every backbone."""
     vae.requires_grad_(False)
     vae.eval()
     conditioner.freeze()
-    if lora is not None:
-        inject_lora(denoiser.model, conditioner.text_encoders, lora)
+    if adapter is not None and textual_inversion is not None:
+        raise ValueError("adapter=… and model.components.textual_inversion together are not supported: train one "
+                         "(adapter=none, or model.components.textual_inversion=null)")
+    if adapter is not None:
+        inject_adapters(denoiser.model, conditioner.text_encoders, adapter)
+    if textual_inversion is not None:
+        denoiser.requires_grad_(False)  # only the placeholder rows train
+        inject_textual_inversion(conditioner, textual_inversion)
     prepare_denoiser(denoiser, gradient_checkpointing, attention, channels_last, compile)
-    return DiffusionComponents(denoiser, vae, conditioner, lora)
+    return DiffusionComponents(denoiser, vae, conditioner, adapter, textual_inversion)
 
 
 def build_components(
@@ -177,7 +186,7 @@ def build_components(
     vae_path: str | None = None,
     vae_hint: str = "",
     conditioner: TextConditioner | None = None,
-    lora: LoraSpec | None = None,
+    adapter: Adapter | None = None,
     gradient_checkpointing: bool = False,
     attention: str = "sdpa",
     channels_last: bool = False,
@@ -202,7 +211,10 @@ def build_components(
         cross_attention_dim=text.sequence_dim,
         pooled_dim=text.pooled_dim,
     )
-    return _finish(backbone, vae_model, text, lora, gradient_checkpointing, attention, channels_last, compile)
+    family = family_of(DiffusionComponents(backbone, vae_model, text))
+    if family is not None:
+        family.check_vae(vae_model, f"model.components.vae_path={vae_path}")
+    return _finish(backbone, vae_model, text, adapter, gradient_checkpointing, attention, channels_last, compile)
 
 
 def pretrained_resolution(path: str | Path) -> int:
@@ -217,15 +229,17 @@ def pretrained_resolution(path: str | Path) -> int:
 def load_pretrained_components(
     path: str | Path,
     conditioner: dict | None = None,
-    lora: LoraSpec | None = None,
+    adapter: Adapter | None = None,
     gradient_checkpointing: bool = False,
     attention: str = "sdpa",
     channels_last: bool = False,
     compile: str | None = None,
+    textual_inversion: TextualInversion | None = None,
 ) -> DiffusionComponents:
     """A local diffusers folder of a supported family (``model_index.json`` says which), read offline."""
     root = Path(path).expanduser()
     family = folder_family(root)
     options = {"tokenizer_source": str(root / "tokenizer"), **(conditioner or {})}
     backbone, vae, text = family.components(family.load(root), options)
-    return _finish(backbone, vae, text, lora, gradient_checkpointing, attention, channels_last, compile)
+    return _finish(backbone, vae, text, adapter, gradient_checkpointing, attention, channels_last, compile,
+                   textual_inversion)

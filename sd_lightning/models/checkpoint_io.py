@@ -26,13 +26,15 @@ from transformers import (
 )
 
 from sd_lightning.diffusion.objectives import Objective, objective_from_record, objective_record
+from sd_lightning.models.adapters import adapter_from_record, adapter_key_prefixes, inject_adapters
 from sd_lightning.models.builders import DiffusionComponents
 from sd_lightning.models.conditioners import CONDITIONERS, TextConditioner
 from sd_lightning.models.denoisers import denoiser_from_record
+from sd_lightning.models.textual_inversion import TextualInversion, frozen_rows, rewrap
 
 RECORD_KEY = "sd_lightning"
 RUN_CONFIG_KEY = "sd_lightning_run_config"
-RECORD_FORMAT = 3
+RECORD_FORMAT = 4
 EMA_STATE_KEY = "ema"
 SAMPLING_FILE = "sd_lightning.json"
 # The text encoder classes a checkpoint may name (with their config classes): nothing else is built from a file.
@@ -76,7 +78,9 @@ class ModelRecord:
                 name: tokenizer_files(getattr(parts.conditioner, name)) for name, _ in parts.conditioner.present_parts()}},
             "objective": objective_record(self.objective),
             "sampling": dict(self.sampling),
-            "lora": None if parts.lora is None else parts.lora.to_dict(),
+            "adapter": None if parts.adapter is None else parts.adapter.to_record(),
+            "textual_inversion": None if parts.textual_inversion is None else {
+                **parts.textual_inversion.to_record(), "frozen_rows": frozen_rows(parts.conditioner)},
             "base_path": self.base_path,
             # True: state_dict holds the trained (adapter) weights only; the frozen base is reread from base_path.
             "adapters_only": self.adapters_only,
@@ -172,19 +176,23 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True, trusted_o
         denoiser = denoiser_from_record(record["denoiser"])
         vae = AutoencoderKL.from_config(record["vae_config"])
         conditioner = _conditioner(record["conditioner"])
-    lora = None
-    if record.get("lora"):
-        from sd_lightning.models.lora import LoraSpec, inject_lora
-
-        lora = LoraSpec(**record["lora"])
-        inject_lora(denoiser.model, conditioner.text_encoders, lora)
+    textual_inversion = None
+    if record.get("textual_inversion"):
+        rewrap(conditioner, record["textual_inversion"])
+        textual_inversion = TextualInversion(**{k: v for k, v in record["textual_inversion"].items()
+                                                if k != "frozen_rows"})
+    adapter = None
+    if record.get("adapter"):
+        adapter = adapter_from_record(record["adapter"])
+        inject_adapters(denoiser.model, conditioner.text_encoders, adapter)
     state = checkpoint["state_dict"]
     fully_trained_text = (record["conditioner"]["options"].get("train_text_encoder")
-                          and not (lora and lora.text_encoder))
+                          and not (adapter and adapter.text_encoder))
     for prefix, module in (("denoiser.", denoiser), ("vae.", vae), ("conditioner.", conditioner)):
         result = module.load_state_dict(_submodule_state(state, prefix), strict=False)
         if adapters_only and not (prefix == "conditioner." and fully_trained_text):
-            result.missing_keys[:] = [k for k in result.missing_keys if ".lora_" in k]
+            adapter_keys = adapter_key_prefixes(module)
+            result.missing_keys[:] = [k for k in result.missing_keys if k.startswith(adapter_keys)]
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(
                 f"ckpt_path={path}: {prefix[:-1]} weights do not match its config "
@@ -197,12 +205,12 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True, trusted_o
         objective = objective_from_record(record["objective"], trusted_objectives)
     except ValueError as err:
         raise CheckpointError(f"ckpt_path={path}: {err}") from err
-    components = DiffusionComponents(denoiser.eval(), vae.eval(), conditioner.eval(), lora)
+    components = DiffusionComponents(denoiser.eval(), vae.eval(), conditioner.eval(), adapter, textual_inversion)
     return components, objective, dict(record["sampling"])
 
 
 def _base_model(path: str | Path, base_path: str | None) -> DiffusionComponents:
-    """The frozen base of an adapters-only LoRA checkpoint, from the folder it was trained on."""
+    """The frozen base of an adapters-only checkpoint, from the folder it was trained on."""
     from sd_lightning.models.builders import load_pretrained_components
     from sd_lightning.models.families import MissingModelError, UnsupportedModelError
 
@@ -210,7 +218,7 @@ def _base_model(path: str | Path, base_path: str | None) -> DiffusionComponents:
         return load_pretrained_components(base_path or "")
     except (MissingModelError, UnsupportedModelError, OSError) as err:
         raise CheckpointError(
-            f"ckpt_path={path} holds LoRA adapters only and needs its base model folder {base_path}, which cannot be "
-            f"read ({err}). Restore that folder, or train with model.components.lora.save_base_weights=true for "
+            f"ckpt_path={path} holds adapters only and needs its base model folder {base_path}, which cannot be "
+            f"read ({err}). Restore that folder, or train with adapter.save_base_weights=true for "
             "self-contained checkpoints."
         ) from err

@@ -59,13 +59,21 @@ class Family:
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     # Component classes a folder's model_index.json may name for each part (diffusers / transformers names).
     part_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # VAE config values the pipeline reads that a VAE of ours may leave unset (SD 3 adds shift_factor; 0 = none).
+    # VAE config values the pipeline reads that a VAE of ours may leave unset (SD 3 reads shift_factor; 0 = none).
     vae_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def required_parts(self) -> list[str]:
         names = [name for pair in self.conditioner_class.parts for name in pair]
         return [self.denoiser_part, "vae", "scheduler", *names]
+
+    def check_vae(self, vae: Any, source: str) -> None:
+        """A VAE with a latent shift samples wrongly in a pipeline that does not read ``shift_factor``: refuse it."""
+        shift = vae.config.get("shift_factor") or 0.0
+        if shift and "shift_factor" not in self.vae_defaults:
+            raise ValueError(f"{source}: this VAE has shift_factor={shift:.4g} (exported with "
+                             f"callbacks.vae_export.standardization=shifted), which {self.pipeline_class.__name__} "
+                             "ignores; only the SD 3 family reads it. Train the VAE with standardization=global")
 
     def matches(self, components: Any) -> bool:
         return (type(components.denoiser) is self.denoiser_class

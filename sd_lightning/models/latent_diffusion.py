@@ -74,7 +74,8 @@ class LatentDiffusionModule(L.LightningModule):
         self.denoiser = components.denoiser
         self.vae = components.vae
         self.conditioner = components.conditioner
-        self.lora = components.lora
+        self.adapter = components.adapter
+        self.textual_inversion = components.textual_inversion
         self.objective = objective
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -97,8 +98,9 @@ class LatentDiffusionModule(L.LightningModule):
         self.weighting(self.objective.timesteps(torch.tensor([0.5])), self.objective)  # … and a weighting
         self.seed = seed
         self.path = path
-        # LoRA on a pretrained folder: checkpoints hold the adapters only, the frozen base is reread from ``path``.
-        self.adapters_only_checkpoints = self.lora is not None and path is not None and not self.lora.save_base_weights
+        # Adapters on a pretrained folder: checkpoints hold the adapters only, the frozen base is reread from ``path``.
+        self.adapters_only_checkpoints = (self.adapter is not None and path is not None
+                                          and not self.adapter.save_base_weights)
         self.strict_loading = not self.adapters_only_checkpoints
         self.val_metrics = _float64_collection("val/")
         self.val_sample_metrics = MetricCollection({"x0_mse": MeanSquaredError()}, prefix="val/").set_dtype(torch.float64)
@@ -111,7 +113,7 @@ class LatentDiffusionModule(L.LightningModule):
             "timesteps": repr(self.timestep_distribution), "noise": repr(self.noise),
             "input_perturbation": repr(input_perturbation), "denoiser": type(self.denoiser).__name__,
             "drop_prob": self.conditioner.drop_prob, "train_text_encoder": self.conditioner.trains,
-            "lora": None if self.lora is None else self.lora.to_dict(),
+            "adapter": None if self.adapter is None else self.adapter.to_record(),
             "val_timesteps": list(self.val_fractions), "sampling": dict(self.sampling), "seed": seed, "path": path,
         }, logger=False)
 
@@ -142,7 +144,7 @@ class LatentDiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- frozen encoders
     @property
     def components(self) -> DiffusionComponents:
-        return DiffusionComponents(self.denoiser, self.vae, self.conditioner, self.lora)
+        return DiffusionComponents(self.denoiser, self.vae, self.conditioner, self.adapter, self.textual_inversion)
 
     @property
     def latent_scale(self) -> float:
@@ -215,7 +217,12 @@ class LatentDiffusionModule(L.LightningModule):
         noisy_latents = self.objective.noisy(latents, input_noise, timesteps)
         prediction = self(noisy_latents, timesteps, conditioning)
         target = self.objective.target(latents, noise, timesteps)
-        return self.loss(prediction, target) * self.weighting(timesteps, self.objective)
+        mask = batch.get("loss_mask")
+        if mask is None:  # a user's loss may take (prediction, target) only
+            return self.loss(prediction, target) * self.weighting(timesteps, self.objective)
+        # data.masks: the pixels' weights averaged over each latent cell
+        mask = torch.nn.functional.interpolate(mask.to(prediction), size=prediction.shape[-2:], mode="area")
+        return self.loss(prediction, target, mask) * self.weighting(timesteps, self.objective)
 
     def sample_generators(self, batch: dict[str, Any], batch_idx: int) -> Randomness:
         """One generator per sample, seeded by (seed, epoch, sample id); without ids, one per (epoch, batch, rank)."""

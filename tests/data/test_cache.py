@@ -263,6 +263,9 @@ def test_unrepresentable_settings_and_existing_folders_are_refused(cache_root: P
     datamodule, model = _build_parts(_compose(cache_root, "augmentation=color_jitter"))
     with pytest.raises(CacheError, match=r"data\.center_crop=false.*data\.color_jitter"):
         write_cache(cache_root / "jitter", datamodule, model)
+    datamodule, model = _build_parts(_compose(cache_root, "data.tag_dropout=0.1"))
+    with pytest.raises(CacheError, match=r"tag dropout \(data\.tag_dropout=0\.1\)"):
+        write_cache(cache_root / "tags", datamodule, model)
     datamodule, model = _build_parts(_compose(cache_root, "model.components.conditioner.train_text_encoder=true"))
     with pytest.raises(CacheError, match="train_text_encoder"):
         write_cache(cache_root / "text", datamodule, model)
@@ -362,22 +365,29 @@ def test_auto_cache_is_built_once_per_data_and_encoders_then_reused(cache_root: 
         datamodule.setup("fit")
 
 
-def test_sdxl_trains_from_the_cache_as_from_images(cache_root: Path) -> None:
-    """The SDXL family's cache holds both encoders' states, the pooled embedding and each image's (flipped)
+# Per family: its tiny model, and the widths of the cached states and pooled embedding.
+FAMILY_CACHES = {"sdxl": (["model=sdxl_tiny"], 64, 32),  # 32 + 32: both CLIPs side by side; the second's projection
+                 "sd3": (["model=sd3_tiny", "objective=flow_matching"], 64, 32)}  # joint width; both projections
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CACHES))
+def test_the_families_train_from_the_cache_as_from_images(cache_root: Path, family: str) -> None:
+    """The SDXL and SD 3 caches hold both CLIPs' states, the pooled embeddings and each image's (flipped)
     micro-conditioning: 5 steps from the cache log the losses of 5 steps from images, to 1e-6."""
     from sd_lightning.cli.train import train
 
-    sdxl = ["model=sdxl_tiny", "augmentation=flip", "data.batch_size=8", "trainer.max_steps=5", "~callbacks.sample_grid",
+    model, sequence_width, pooled_width = FAMILY_CACHES[family]
+    sdxl = [*model, "augmentation=flip", "data.batch_size=8", "trainer.max_steps=5", "~callbacks.sample_grid",
             "~callbacks.stability", "trainer.check_val_every_n_epoch=100"]
-    cache = build_cache(_compose(cache_root, *sdxl, f"data.cache={cache_root / 'sdxl'}"))
+    cache = build_cache(_compose(cache_root, *sdxl, f"data.cache={cache_root / family}"))
     with safe_open(str(cache / PROMPTS_FILE), framework="pt") as handle:
-        assert handle.get_tensor("encoder_hidden_states").shape[-1] == 64  # 32 + 32: both CLIPs side by side
-        assert handle.get_tensor("pooled_prompt_embeds").shape[-1] == 32  # the second encoder's projection
+        assert handle.get_tensor("encoder_hidden_states").shape[-1] == sequence_width
+        assert handle.get_tensor("pooled_prompt_embeds").shape[-1] == pooled_width
     with safe_open(str(cache / "latents-00000.safetensors"), framework="pt") as handle:
         assert {"micro", "micro_flipped"} <= set(handle.keys())
     losses = {}
     for name, extra in (("images", []), ("cache", [f"data.cache={cache}"])):
-        run_dir = cache_root / f"sdxl_from_{name}"
+        run_dir = cache_root / f"{family}_from_{name}"
         train(compose_train(run_dir, [*FAST, *LIMIT, *sdxl, *extra]))
         logged = pd.read_csv(run_dir / "csv" / "metrics.csv").dropna(subset=["train/loss"])
         losses[name] = logged.set_index("step")["train/loss"].sort_index()

@@ -12,7 +12,7 @@ from sd_lightning.cli.config import ConfigError, validate_train_config
 from sd_lightning.cli.train import train
 from sd_lightning.data.datamodule import DiffusionDataModule
 from sd_lightning.data.sources import DigitsSource, SourceItem
-from sd_lightning.data.transforms import CaptionTransform, shuffle_tags
+from sd_lightning.data.transforms import CaptionTransform, edit_tags
 
 from conftest import FAST, compose_train
 
@@ -131,12 +131,12 @@ def test_train_fraction_keeps_a_stable_nested_share_of_training_and_leaves_valid
 
 def test_tag_shuffling_keeps_leading_tokens_and_is_deterministic_per_seed_epoch_sample():
     caption = "portrait, oil painting, red hair, smiling, blue background"
-    shuffled = {shuffle_tags(caption, random.Random(s), keep_tokens=1) for s in range(30)}
+    shuffled = {edit_tags(caption, random.Random(s), keep_tokens=1) for s in range(30)}
     assert len(shuffled) > 10
     for text in shuffled:
         tags = text.split(", ")
         assert tags[0] == "portrait" and sorted(tags) == sorted(caption.split(", "))
-    assert shuffle_tags(caption, random.Random(3), 2) == shuffle_tags(caption, random.Random(3), 2)
+    assert edit_tags(caption, random.Random(3), 2) == edit_tags(caption, random.Random(3), 2)
 
     item = SourceItem(id="im.png", caption=caption)
     datamodule = DiffusionDataModule(DigitsSource(size=8, limit=40), resolution=8, shuffle_tags=True, keep_tokens=2,
@@ -153,10 +153,35 @@ def test_tag_shuffling_keeps_leading_tokens_and_is_deterministic_per_seed_epoch_
     assert {datamodule.val_dataset[i]["prompt"] for i in range(len(datamodule.val_dataset))} == {caption}
 
 
+def test_tag_dropout_and_trigger_word_as_the_anchors_do_them():
+    """Each tag after keep_tokens is dropped with data.tag_dropout's probability (per seed, epoch and sample in
+    training), the trigger word leads every caption in training and validation, and neither survives into a
+    prompt that has no condition (the null prompt of an unlabeled item)."""
+    caption = "portrait, oil painting, red hair, smiling, blue background"
+    rest = caption.split(", ")[1:]
+    kept_counts = Counter()
+    for s in range(400):
+        tags = edit_tags(caption, random.Random(s), keep_tokens=1, dropout=0.25, shuffle=False).split(", ")
+        assert tags[0] == "portrait" and tags[1:] == [t for t in rest if t in tags]  # order kept without shuffle
+        kept_counts.update(tags[1:])
+    assert all(0.68 < kept_counts[t] / 400 < 0.82 for t in rest), kept_counts  # 1 - 0.25 each
+    assert edit_tags(caption, random.Random(0), keep_tokens=1, dropout=0.0, shuffle=False) == caption  # control
+
+    captions = CaptionTransform(tag_dropout=0.5, trigger_word=" sks ", keep_tokens=1)
+    item = SourceItem(id="im.png", caption=caption)
+    trained = [captions(item, random.Random(s)) for s in range(50)]
+    assert all(p.startswith("sks, portrait") for p in trained) and len(set(trained)) > 5
+    assert captions(item, None) == f"sks, {caption}"  # validation and the cache: no dropout
+    assert captions(SourceItem(id="x.png", caption=None), None) == "sks"  # an image without a caption
+    assert CaptionTransform(conditioning="none", trigger_word="sks")(item, None) is None  # unconditional stays so
+    assert captions.varies and not CaptionTransform(trigger_word="sks").varies  # the cache refuses only dropout
+
+
 def test_bad_conditioning_settings_fail_naming_the_key(tmp_path):
     for override, message in (("data.conditioning=labels", "data.conditioning='labels' must be"),
                               ("data.labeled_fraction=1.5", "data.labeled_fraction=1.5 must be <= 1.0"),
                               ("data.keep_tokens=-1", "data.keep_tokens=-1 must be >= 0"),
+                              ("data.tag_dropout=1.0", "data.tag_dropout=1.0 must be <= 0.99"),
                               ("data.unlabeled=skip", "data.unlabeled='skip' must be 'null_prompt' or 'drop'"),
                               ("data.train_fraction=2", "data.train_fraction=2 must be <= 1.0"),
                               ("data.train_fraction=0", "data.train_fraction=0 must be > 0.0"),

@@ -91,3 +91,34 @@ def test_global_standardization_keeps_the_weights_and_sets_the_scaling_factor(di
     assert torch.equal(saved.quant_conv.weight, module.vae.quant_conv.weight)
     with pytest.raises(ValueError, match="callbacks.vae_export.standardization='pixel' must be one of"):
         VaeExportCallback(str(tmp_path / "x"), standardization="pixel")
+
+
+def test_shifted_standardization_centres_the_latents_and_only_sd3_accepts_it(digits_vae_dir, tmp_path):
+    """SD 3's convention (z - shift) · scale: the exported VAE carries both numbers; a family whose pipeline ignores
+    the shift refuses that VAE before training, SD 3 builds on it."""
+    from types import SimpleNamespace
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from sd_lightning.callbacks.vae_export import VaeExportCallback
+
+    from conftest import compose_train
+
+    module, dm = _digits_module(digits_vae_dir)
+    callback = VaeExportCallback(str(tmp_path / "vae"), standardization="shifted")
+    callback.on_fit_end(SimpleNamespace(interrupted=False, is_global_zero=True, datamodule=dm), module)
+    saved = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    stats = json.loads((tmp_path / "vae" / "latent_statistics.json").read_text())
+    assert saved.config.shift_factor == stats["overall_mean"] != 0.0
+    assert saved.config.scaling_factor == pytest.approx(1 / stats["overall_std"])
+    with torch.no_grad():
+        latents = torch.cat([saved.encode(b["pixel_values"]).latent_dist.mean for b in dm.plain_train_dataloader()])
+    standardized = (latents - saved.config.shift_factor) * saved.config.scaling_factor
+    assert abs(standardized.mean().item()) < 0.05 and standardized.std().item() == pytest.approx(1.0, rel=0.05)
+    assert abs((latents * saved.config.scaling_factor).mean().item()) > 0.05  # without the shift: not centred
+    vae_path = f"model.components.vae_path={tmp_path / 'vae'}"
+    with pytest.raises(InstantiationException, match=r"vae_path=.*shift_factor=.*StableDiffusionXLPipeline ignores"):
+        instantiate(compose_train(tmp_path / "sdxl", ["model=sdxl_tiny", vae_path]).model.components)
+    components = instantiate(compose_train(tmp_path / "sd3", ["model=sd3_tiny", vae_path]).model.components)
+    assert components.vae.config.shift_factor == saved.config.shift_factor

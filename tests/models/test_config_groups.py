@@ -22,6 +22,7 @@ DEFAULTS = {"objective": "v_prediction", "timesteps": "uniform", "noise": "gauss
 # Options that need a GPU, a package missing here, or a partner option (tested where named).
 NEEDS = {("optimizer", "adamw_8bit"): "CUDA + bitsandbytes (composes and falls back below)",
          ("objective", "auto"): "a pretrained folder (tests/models/test_pretrained.py)",
+         ("timesteps", "auto"): "a pretrained folder (tests/models/test_families.py)",
          ("weighting", "sigma_sqrt"): "objective=flow_matching (below)", ("weighting", "cosmap"): "flow matching"}
 REGULARIZATION_KEYS = ["optimizer.weight_decay=0.5", "model.exclude_from_weight_decay=true",
                        "model.components.denoiser.dropout=0.3", "trainer.gradient_clip_val=1e-3",
@@ -55,7 +56,8 @@ def default_weights(tmp_path_factory) -> torch.Tensor:
 def test_every_option_of_every_group_composes(tmp_path):
     pretrained = ["model.path=/unused"]
     extra = {("experiment", "finetune_sd"): pretrained, ("experiment", "lora_sd"): pretrained,
-             ("model", "pretrained"): pretrained, ("model", "lora"): pretrained,
+             ("experiment", "textual_inversion_sd"): pretrained,
+             ("model", "pretrained"): pretrained, ("objective", "auto"): pretrained, ("timesteps", "auto"): pretrained,
              ("data", "imagefolder"): ["data.root=/unused"], ("data", "shards"): ["data.root=/unused"]}
     groups = [p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "feature")]
     assert {"objective", "timesteps", "noise", "input_perturbation", "weighting", "model", "sweep"} <= set(groups)

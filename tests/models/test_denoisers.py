@@ -99,5 +99,5 @@ def test_a_tiny_transformer_trains_20_steps_with_flow_matching_and_samples(tmp_p
     out = tmp_path / "export"
     with pytest.raises(ConfigError, match="no plain diffusers pipeline runs this model.*StableDiffusion3Pipeline"):
         export(OmegaConf.create({"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt"), "out_dir": str(out),
-                                 "use_ema": True, "scheduler": None, "overwrite": False, "merge_lora": False}))
+                                 "use_ema": True, "scheduler": None, "overwrite": False, "merge_adapters": False}))
     assert not out.exists() and not out.with_name("export.partial").exists()

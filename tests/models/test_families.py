@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
+from safetensors.torch import load_file
 
 from sd_lightning.cli.config import CONFIG_DIR
 from sd_lightning.cli.export import export
@@ -20,6 +21,7 @@ from sd_lightning.cli.sample import sample
 from sd_lightning.cli.train import train
 from sd_lightning.diffusion.sampling import generate
 from sd_lightning.diffusion.schedules import sampling_scheduler
+from sd_lightning.models.adapters import KOHYA_WEIGHTS_FILE, LORA_WEIGHTS_FILE
 from sd_lightning.models.builders import load_pretrained_components
 from sd_lightning.models.families import (
     SD3,
@@ -29,7 +31,6 @@ from sd_lightning.models.families import (
     family_of,
     folder_family,
 )
-from sd_lightning.models.lora import LORA_WEIGHTS_FILE
 from sd_lightning.models.pipelines import load_pipeline
 
 from conftest import FAST
@@ -57,6 +58,8 @@ def _write_folder(root, name):
     cfg = _compose("train", *overrides, "data=digits")
     torch.manual_seed(0)
     components = instantiate(cfg.model.components)
+    if family is SD3:  # SD 3's VAE convention: (z - shift) · scale, which export and sampling must keep
+        components.vae.register_to_config(shift_factor=0.1, scaling_factor=1.5)
     objective = instantiate(cfg.objective)
     folder = root / f"tiny-{name}"
     family.pipeline(components, objective.sampling_scheduler(objective.default_sampler)).save_pretrained(
@@ -108,19 +111,21 @@ def test_unsupported_or_incomplete_folders_fail_before_any_work(folders, tmp_pat
         load_pretrained_components(tmp_path)
 
 
-def _images(pipeline, sampling):
+def _images(pipeline, sampling, prompts=PROMPTS):
+    """The plain pipeline's images for prompts x seeds 0, 1 with the export's sampler and guidance."""
     pipeline.scheduler = sampling_scheduler(sampling["scheduler"], pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    result = generate(pipeline, [p for p in PROMPTS for _ in range(2)], seeds=[j for _ in PROMPTS for j in range(2)],
+    result = generate(pipeline, [p for p in prompts for _ in range(2)], seeds=[j for _ in prompts for j in range(2)],
                       steps=4, guidance_scale=sampling["guidance_scale"], pipeline_kwargs=sampling.get("pipeline_kwargs"))
     return np.stack([np.asarray(image) for image in result]).astype(int)
 
 
-def _sampled(ckpt, out_dir):
-    sample(_compose("sample", f"ckpt_path={ckpt}", f"out_dir={out_dir}", f"prompt=[{','.join(PROMPTS)}]",
-                    "num_images=2", "seed=0", "steps=4"))
+def _sampled(ckpt, out_dir, prompts=PROMPTS):
+    """sdl-sample's images of the checkpoint for the same prompts and seeds."""
+    sample(_compose("sample", f"ckpt_path={ckpt}", f"out_dir={out_dir}",
+                    "prompt=[" + ",".join(f"'{p}'" for p in prompts) + "]", "num_images=2", "seed=0", "steps=4"))
     return np.stack([np.asarray(Image.open(out_dir / f"{k:03d}" / f"{j:05d}.png"))
-                     for k in range(len(PROMPTS)) for j in range(2)]).astype(int)
+                     for k in range(len(prompts)) for j in range(2)]).astype(int)
 
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3"])
@@ -129,10 +134,15 @@ def test_finetune_and_lora_export_to_the_family_pipeline(folders, name, train_co
     common = [*FAST, f"model.path={folder}", "data=digits", "data.source.limit=32", "data.batch_size=4",
               "trainer.accumulate_grad_batches=1", "trainer.max_steps=4", "lr_scheduler.num_warmup_steps=0",
               "callbacks.ema.decay=0.5", "trainer.check_val_every_n_epoch=100"]
-    runs = {"full": ["experiment=finetune_sd", "optimizer.lr=1e-3"], "lora": ["experiment=lora_sd", "optimizer.lr=3e-2"]}
+    # LoRA on the CLIP text encoders too (SD 3's T5, when present, stays frozen).
+    runs = {"full": ["experiment=finetune_sd", "optimizer.lr=1e-3"],
+            "lora": ["experiment=lora_sd", "optimizer.lr=3e-2", "adapter.text_encoder=true"]}
     base = family.load(folder)
     for kind, overrides in runs.items():
         cfg = train_config(*common, *overrides, run=kind)
+        # The folder's objective trains with its own timestep density: logit-normal for SD 3, uniform for SDXL.
+        density = type(instantiate(cfg.timesteps)).__name__
+        assert density == ("LogitNormalTimesteps" if family is SD3 else "UniformTimesteps"), density
         train(cfg)
         ckpt = f"{cfg.paths.run_dir}/checkpoints/last.ckpt"
         out = tmp_path / f"export-{kind}"
@@ -146,10 +156,19 @@ def test_finetune_and_lora_export_to_the_family_pipeline(folders, name, train_co
             images = _images(exported, sampling)
         else:
             assert (out / LORA_WEIGHTS_FILE).is_file()
+            parts = {key.split(".")[0] for key in load_file(out / LORA_WEIGHTS_FILE)}
+            assert parts == {family.denoiser_part, "text_encoder", "text_encoder_2"}, parts  # both CLIPs adapted
             before = _images(base, sampling)
             base.load_lora_weights(out)
             images = _images(base, sampling)
             assert np.abs(images - before).mean() > 1  # the adapters matter
+            if family is SDXL:  # kohya's keys (lora_unet_, lora_te1_, lora_te2_), what A1111 / ComfyUI load
+                assert {k.split("_")[1] for k in load_file(out / KOHYA_WEIGHTS_FILE)} == {"unet", "te1", "te2"}
+                kohya = family.load(folder)
+                kohya.load_lora_weights(out, weight_name=KOHYA_WEIGHTS_FILE)
+                assert np.abs(_images(kohya, sampling) - images).max() <= 2
+            else:
+                assert not (out / KOHYA_WEIGHTS_FILE).exists()  # kohya has no SD 3 transformer names
         assert np.abs(images - from_checkpoint).max() <= 2, f"{kind}: the plain pipeline differs from sdl-sample"
 
 

@@ -151,12 +151,12 @@ def test_validation_r2_of_a_perfect_and_of_a_mean_predictor(train_config, predic
 
 
 def test_checkpoints_of_the_old_engine_are_refused_with_a_message(trained_run, tmp_path):
-    from sd_lightning.models.checkpoint_io import CheckpointError
+    from sd_lightning.models.checkpoint_io import RECORD_FORMAT, CheckpointError
     from sd_lightning.models.pipelines import load_pipeline
 
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
     record = checkpoint["sd_lightning"]
-    assert record["format"] == 3 and record["denoiser"]["kind"] == "unet"
+    assert record["format"] == RECORD_FORMAT == 4 and record["denoiser"]["kind"] == "unet"
     assert record["objective"] == {"name": "v_prediction", "config": {
         "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.00085, "beta_end": 0.012,
         "rescale_betas_zero_snr": False}}

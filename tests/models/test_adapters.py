@@ -1,4 +1,5 @@
-"""experiment=finetune_sd and experiment=lora_sd on a tiny SD-shaped folder; LoRA training, resume and export."""
+"""experiment=finetune_sd and experiment=lora_sd on a tiny SD-shaped folder; the adapter group (LoRA, DoRA, LoHa,
+LoKr): training, resume and export to what diffusers loads."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import load_file
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, validate_train_config
 from sd_lightning.cli.export import export
@@ -22,8 +24,14 @@ from sd_lightning.cli.sample import sample
 from sd_lightning.cli.train import train
 from sd_lightning.diffusion.sampling import generate
 from sd_lightning.diffusion.schedules import sampling_scheduler
+from sd_lightning.models.adapters import (
+    KOHYA_WEIGHTS_FILE,
+    LORA_WEIGHTS_FILE,
+    adapter_key_prefixes,
+    has_adapters,
+    save_lora,
+)
 from sd_lightning.models.checkpoint_io import RECORD_KEY, CheckpointError, components_from_checkpoint
-from sd_lightning.models.lora import LORA_WEIGHTS_FILE, save_lora
 
 from conftest import FAST
 
@@ -56,6 +64,15 @@ def _experiment(train_config, sd_folder, name, *overrides, run="run"):
 def _compose(name, *overrides):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(name, overrides=list(overrides))
+
+
+def _pipeline_images(pipeline, sampling):
+    """The plain pipeline's images for PROMPTS x seeds 0, 1 with the export's sampler and guidance."""
+    pipeline.scheduler = sampling_scheduler(sampling["scheduler"], pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    result = generate(pipeline, [p for p in PROMPTS for _ in range(2)], seeds=[j for _ in PROMPTS for j in range(2)],
+                      steps=4, guidance_scale=sampling["guidance_scale"])
+    return np.stack([np.asarray(image) for image in result]).astype(int)
 
 
 def _this_machines_precision() -> str:
@@ -105,8 +122,8 @@ def test_finetune_sd_composes_from_the_folder(sd_folder, train_config):
 
 
 def test_bad_lora_settings_name_the_key(sd_folder, train_config):
-    cfg = _experiment(train_config, sd_folder, "lora_sd", "model.components.lora.rank=0", "model.components.lora.dropout=1.5")
-    with pytest.raises(ConfigError, match=r"model.components.lora.rank=0 must be an integer >= 1(.|\n)*model.components.lora.dropout=1.5"):
+    cfg = _experiment(train_config, sd_folder, "lora_sd", "adapter.rank=0", "adapter.dropout=1.5")
+    with pytest.raises(ConfigError, match=r"adapter.rank=0 must be an integer >= 1(.|\n)*adapter.dropout=1.5"):
         validate_train_config(cfg)
 
 
@@ -160,7 +177,7 @@ def test_lora_trains_only_adapters_and_loss_falls(sd_folder, train_config):
 
 
 def test_lora_text_encoder_adapters_export_and_bad_target(sd_folder, train_config, tmp_path):
-    cfg = _experiment(train_config, sd_folder, "lora_sd", "model.components.lora.text_encoder=true")
+    cfg = _experiment(train_config, sd_folder, "lora_sd", "adapter.text_encoder=true")
     model = instantiate(cfg.model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("conditioner.text_encoder.") for n in names) and all(".lora_" in n for n in names)
@@ -178,20 +195,21 @@ def test_lora_text_encoder_adapters_export_and_bad_target(sd_folder, train_confi
         pipe.load_lora_weights(tmp_path / "lora")
         assert torch.allclose(pipe.text_encoder(ids)[0], model.text_encoder(ids)[0], atol=1e-5)
         assert (pipe.text_encoder(ids)[0] - base).abs().max() > 1e-2
-    bad = _experiment(train_config, sd_folder, "lora_sd", "model.components.lora.unet_target_modules=[to_qq]")
-    with pytest.raises(Exception, match=r"model.components.lora.unet_target_modules: no layer named \['to_qq'\]"):
+    bad = _experiment(train_config, sd_folder, "lora_sd", "adapter.target_modules=[to_qq]")
+    with pytest.raises(Exception, match=r"adapter.target_modules: no layer named \['to_qq'\]"):
         instantiate(bad.model)
 
 
 @pytest.mark.slow
 def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
     folder, original = sd_folder
+    # alpha = 2 x rank: the scale alpha / rank must survive both export formats.
     steps = ["optimizer.lr=3e-2", "lr_scheduler.num_warmup_steps=0", "trainer.deterministic=true",
-             "callbacks.ema.decay=0.5", "trainer.max_steps=8",
+             "callbacks.ema.decay=0.5", "trainer.max_steps=8", "adapter.alpha=8",
              "callbacks.checkpoint.every_n_train_steps=4"]
-    full = _experiment(train_config, sd_folder, "lora_sd", *steps, "model.components.lora.save_base_weights=true", run="full")
+    full = _experiment(train_config, sd_folder, "lora_sd", *steps, "adapter.save_base_weights=true", run="full")
     train(full)
-    part = _experiment(train_config, sd_folder, "lora_sd", *steps, "+callbacks.crash._target_=test_lora.CrashAtStep",
+    part = _experiment(train_config, sd_folder, "lora_sd", *steps, "+callbacks.crash._target_=test_adapters.CrashAtStep",
                        "+callbacks.crash.step=6", run="part")
     with pytest.raises(RuntimeError, match="crash at step 6"):
         train(part)
@@ -213,7 +231,7 @@ def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
 
     out = tmp_path / "export"
     export(_compose("export", f"ckpt_path={part.paths.run_dir}/checkpoints/last.ckpt", f"out_dir={out}",
-                    "merge_lora=true"))
+                    "merge_adapters=true"))
     assert (out / LORA_WEIGHTS_FILE).is_file() and (out / "merged" / "model_index.json").is_file()
     sampling = json.loads((out / "sd_lightning.json").read_text())
     samples = tmp_path / "samples"
@@ -222,24 +240,68 @@ def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
     from_checkpoint = np.stack([np.asarray(Image.open(samples / f"{k:03d}" / f"{j:05d}.png"))
                                 for k in range(len(PROMPTS)) for j in range(2)]).astype(int)  # a folder per prompt
 
-    def images(pipeline):
-        pipeline.scheduler = sampling_scheduler(sampling["scheduler"], pipeline.scheduler.config)  # the export's
-        pipeline.set_progress_bar_config(disable=True)
-        prompts = [p for p in PROMPTS for _ in range(2)]
-        result = generate(pipeline, prompts, seeds=[j for _ in PROMPTS for j in range(2)], steps=4,
-                          guidance_scale=sampling["guidance_scale"])
-        return np.stack([np.asarray(image) for image in result]).astype(int)
-
     pipe = StableDiffusionPipeline.from_pretrained(folder, **PLAIN)
-    base_images = images(pipe)
+    base_images = _pipeline_images(pipe, sampling)
     pipe.load_lora_weights(out)
-    adapted = images(pipe)
-    merged = images(StableDiffusionPipeline.from_pretrained(out / "merged", **PLAIN))
+    adapted = _pipeline_images(pipe, sampling)
+    merged = _pipeline_images(StableDiffusionPipeline.from_pretrained(out / "merged", **PLAIN), sampling)
+    kohya = load_file(out / KOHYA_WEIGHTS_FILE)  # what AUTOMATIC1111 / ComfyUI load
+    assert {k.split("_")[1] for k in kohya} == {"unet"} and all(k.startswith("lora_unet_") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    pipe = StableDiffusionPipeline.from_pretrained(folder, **PLAIN)
+    pipe.load_lora_weights(out, weight_name=KOHYA_WEIGHTS_FILE)  # diffusers converts kohya's keys itself
+    assert np.abs(_pipeline_images(pipe, sampling) - adapted).max() <= 2
     assert np.abs(adapted - from_checkpoint).max() <= 2
     assert np.abs(merged - adapted).max() <= 2
     assert np.abs(base_images - adapted).mean() > 2  # the adapters matter: the images are not the base model's
 
     ckpt[RECORD_KEY]["base_path"] = str(tmp_path / "moved-away")
     torch.save(ckpt, tmp_path / "orphan.ckpt")
-    with pytest.raises(CheckpointError, match="holds LoRA adapters only and needs its base model folder"):
+    with pytest.raises(CheckpointError, match="holds adapters only and needs its base model folder"):
         components_from_checkpoint(tmp_path / "orphan.ckpt")
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_each_adapter_starts_at_the_base_trains_alone_and_exports_what_diffusers_loads(sd_folder, train_config,
+                                                                                       kind, tmp_path):
+    """DoRA exports the LoRA file (`load_lora_weights`); LoHa and LoKr the merged pipeline. Either way the plain
+    pipeline's images equal sdl-sample's and differ from the base model's. (LoRA: the resume test above.)"""
+    folder, original = sd_folder
+    cfg = _experiment(train_config, sd_folder, "lora_sd", f"adapter={kind}", "optimizer.lr=3e-2",
+                      "lr_scheduler.num_warmup_steps=0", "callbacks.ema.decay=0.5", "trainer.max_steps=6",
+                      "trainer.check_val_every_n_epoch=100", run=kind)
+    model = instantiate(cfg.model)
+    assert model.adapter.kind == kind
+    prefixes = adapter_key_prefixes(model.denoiser.model)
+    trained = {n for n, p in model.denoiser.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(prefixes) for n in trained)  # only the adapters train
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states = model.conditioner(PROMPTS)
+    with torch.no_grad():  # the update is zero at initialization: training starts at the base model
+        torch.testing.assert_close(model.denoiser(latents, torch.tensor([10, 500]), states),
+                                   original.denoiser(latents, torch.tensor([10, 500]), states), atol=1e-5, rtol=1e-4)
+    train(cfg)
+    ckpt = f"{cfg.paths.run_dir}/checkpoints/last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert state and all(k.removeprefix("denoiser.model.").startswith(prefixes) for k in state)  # adapters-only checkpoint
+    out = tmp_path / "export"
+    export(_compose("export", f"ckpt_path={ckpt}", f"out_dir={out}"))
+    sampling = json.loads((out / "sd_lightning.json").read_text())
+    samples = tmp_path / "samples"
+    sample(_compose("sample", f"ckpt_path={ckpt}", f"out_dir={samples}", f"prompt=[{','.join(PROMPTS)}]",
+                    "num_images=2", "seed=0", "steps=4"))
+    from_checkpoint = np.stack([np.asarray(Image.open(samples / f"{k:03d}" / f"{j:05d}.png"))
+                                for k in range(len(PROMPTS)) for j in range(2)]).astype(int)
+    base = StableDiffusionPipeline.from_pretrained(folder, **PLAIN)
+    before = _pipeline_images(base, sampling)
+    if kind == "dora":
+        assert (out / LORA_WEIGHTS_FILE).is_file() and not (out / "model_index.json").exists()
+        base.load_lora_weights(out)
+        exported = base
+    else:
+        assert not (out / LORA_WEIGHTS_FILE).exists()
+        exported = StableDiffusionPipeline.from_pretrained(out, **PLAIN)
+        assert not has_adapters(exported.unet)  # plain weights, no peft layers
+    images = _pipeline_images(exported, sampling)
+    assert np.abs(images - from_checkpoint).max() <= 2, f"{kind}: the plain pipeline differs from sdl-sample"
+    assert np.abs(images - before).mean() > 1  # the adapters matter
