@@ -22,6 +22,7 @@ from sd_lightning.callbacks.data_epoch import RunConfigCallback
 from sd_lightning.callbacks.progress import FitTimeCallback, format_duration
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
 from sd_lightning.data.cache import AUTO, resolve_auto_cache
+from sd_lightning.data.dreambooth import DreamBoothDataModule, resolve_class_images
 from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
 from sd_lightning.models.checkpoint_io import RECORD_KEY, CheckpointError, load_checkpoint
 
@@ -171,6 +172,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     model = instantiate(cfg.model)
     if getattr(datamodule, "cache", None) == AUTO:
         datamodule.cache = resolve_auto_cache(datamodule, model, Path(cfg.paths.output_root) / "cache")
+    if isinstance(datamodule, DreamBoothDataModule):  # the class images: a folder, or generated once by the base
+        datamodule.class_root = resolve_class_images(datamodule, model, Path(cfg.paths.output_root) / "class_images")
     run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [*_instantiate_all(cfg.get("callbacks")), RunConfigCallback(run_config), FitTimeCallback()]
     logger_cfg = cfg.get("logger") or {}

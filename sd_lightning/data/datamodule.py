@@ -118,6 +118,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.unlabeled = unlabeled
         self.labeled_oversample = labeled_oversample
         self.collate_fn: Callable[[Sequence[dict[str, Any] | None]], dict[str, Any]] = collate_examples
+        self.train_collate_fn: Callable[[Sequence[Any]], dict[str, Any]] | None = None  # None: collate_fn
         self.train_dataset: DiffusionDataset | None = None
         self.val_dataset: DiffusionDataset | None = None
 
@@ -187,10 +188,11 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.cache and self.trainer is not None and self.trainer.lightning_module is not None:
             self.train_dataset.cache.check_model(self.trainer.lightning_module)
 
-    def _loader_kwargs(self) -> dict[str, Any]:
+    def _loader_kwargs(self, train: bool = False) -> dict[str, Any]:
         # Persistent: restarting the workers every epoch cost 1.2 % of a 64 px image-folder run on 2 cores
         # (experiments/benchmark/loader_workers.py); the epoch reaches them through the samplers instead.
-        return {"num_workers": self.num_workers, "collate_fn": self.collate_fn,
+        collate = (self.train_collate_fn if train else None) or self.collate_fn
+        return {"num_workers": self.num_workers, "collate_fn": collate,
                 "persistent_workers": self.num_workers > 0, "pin_memory": torch.cuda.is_available()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -206,18 +208,18 @@ class DiffusionDataModule(L.LightningDataModule):
             sampler = BucketSampler(self.train_dataset, self.train_bucket_ids, effective, seed=self.seed, stamp_epoch=True)
             loader = StatefulDataLoader if self.stateful else DataLoader
             return loader(self.train_dataset, batch_size=effective, sampler=sampler, drop_last=True,
-                          **self._loader_kwargs())
+                          **self._loader_kwargs(train=True))
         if not self.stateful:
             # torch's own shuffling cannot carry the epoch: workers restart every epoch, as set_epoch needs.
             return DataLoader(self.train_dataset, batch_size=effective, shuffle=True, drop_last=self.drop_last,
                               generator=torch.Generator().manual_seed(stable_seed(self.seed, "shuffle")),
-                              **{**self._loader_kwargs(), "persistent_workers": False})
+                              **{**self._loader_kwargs(train=True), "persistent_workers": False})
         return StatefulDataLoader(
             self.train_dataset,
             batch_size=effective,
             sampler=ResumableShuffleSampler(self.train_dataset, seed=self.seed, stamp_epoch=True),
             drop_last=self.drop_last,
-            **self._loader_kwargs(),
+            **self._loader_kwargs(train=True),
         )
 
     def plain_train_dataloader(self) -> DataLoader:

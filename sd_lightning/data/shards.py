@@ -426,9 +426,9 @@ class ShardDataModule(DiffusionDataModule):
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch}
 
-    def _loader_kwargs(self) -> dict[str, Any]:
+    def _loader_kwargs(self, train: bool = False) -> dict[str, Any]:
         # The stream's epoch is set in this process (set_epoch) and reaches workers when they start: restart them.
-        return {**super()._loader_kwargs(), "persistent_workers": False}
+        return {**super()._loader_kwargs(train), "persistent_workers": False}
 
     def train_dataloader(self, rank: int | None = None, world_size: int | None = None) -> StatefulDataLoader | DataLoader:
         """``rank``/``world_size`` default to torch.distributed's (tests pass them to simulate ranks)."""

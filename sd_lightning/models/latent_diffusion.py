@@ -68,14 +68,19 @@ class LatentDiffusionModule(L.LightningModule):
         seed: int = 0,
         path: str | None = None,
         exclude_from_weight_decay: bool = False,
+        prior_loss_weight: float = 1.0,
     ) -> None:
-        """``val_timesteps`` are fractions of the objective's time domain; ``path`` records a pretrained folder."""
+        """``val_timesteps`` are fractions of the objective's time domain; ``path`` records a pretrained folder;
+        ``prior_loss_weight`` weighs the class images of DreamBooth batches (``batch_loss``)."""
         super().__init__()
         self.denoiser = components.denoiser
         self.vae = components.vae
         self.conditioner = components.conditioner
         self.adapter = components.adapter
         self.textual_inversion = components.textual_inversion
+        if prior_loss_weight < 0:
+            raise ValueError(f"model.prior_loss_weight={prior_loss_weight} must be >= 0")
+        self.prior_loss_weight = prior_loss_weight
         self.objective = objective
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -247,14 +252,27 @@ class LatentDiffusionModule(L.LightningModule):
             loss = torch.stack([p.sum() for p in self.trainable_parameters()]).sum() * float("nan")
         return loss
 
+    def batch_loss(self, losses: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The step's loss from the per-sample losses: their mean; for DreamBooth pairs (``prior`` flags the class
+        images) the instance images' mean plus ``prior_loss_weight`` × the class images' mean."""
+        prior = batch.get("prior")
+        if prior is None:
+            return {"loss": losses.mean()}
+        prior = prior.to(losses.device)
+        instance, classes = losses[~prior].mean(), losses[prior].mean()
+        return {"loss": instance + self.prior_loss_weight * classes, "instance_loss": instance, "prior_loss": classes}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if self.batch_size(batch) == 0:
             return self._skipped(None)  # every image of this batch was unreadable
-        loss = self.diffusion_loss(batch, self.sample_generators(batch, batch_idx)).mean()
+        parts = self.batch_loss(self.diffusion_loss(batch, self.sample_generators(batch, batch_idx)), batch)
+        loss = parts.pop("loss")
         batch_size = self.batch_size(batch)
         if not torch.isfinite(loss):
             return self._skipped(loss)  # NonFiniteGuardCallback counts the skipped step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
         if batch.get("num_skipped", 0):
             self.log("data/skipped_images", float(batch["num_skipped"]), reduce_fx="sum", batch_size=batch_size)
         return loss

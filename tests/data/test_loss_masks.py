@@ -89,10 +89,12 @@ def test_masks_follow_the_pixels_and_are_not_items_or_problems(masked_folder: Pa
         DiffusionDataModule(ImageFolderSource(masked_folder), masks="depth")
 
 
-def test_masked_latents_get_exactly_zero_gradient_and_the_area_normalizes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", [[], ["model=sdxl_tiny"], ["model=sd3_tiny", "objective=flow_matching"]],
+                         ids=["sd", "sdxl", "sd3"])
+def test_masked_latents_get_exactly_zero_gradient_and_the_area_normalizes(tmp_path: Path, family) -> None:
     """Half of each image masked out: the loss gradient with respect to the denoiser output is exactly zero over
     the masked latent columns and not elsewhere (without the mask it is nonzero there: the negative control)."""
-    cfg = compose_train(tmp_path / "run", ["data.source.limit=8", "data.batch_size=4"])
+    cfg = compose_train(tmp_path / "run", ["data.source.limit=8", "data.batch_size=4", *family])
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     datamodule = instantiate(cfg.data)

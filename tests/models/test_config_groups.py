@@ -56,7 +56,7 @@ def default_weights(tmp_path_factory) -> torch.Tensor:
 def test_every_option_of_every_group_composes(tmp_path):
     pretrained = ["model.path=/unused"]
     extra = {("experiment", "finetune_sd"): pretrained, ("experiment", "lora_sd"): pretrained,
-             ("experiment", "textual_inversion_sd"): pretrained,
+             ("experiment", "textual_inversion_sd"): pretrained, ("experiment", "dreambooth_sd"): pretrained,
              ("model", "pretrained"): pretrained, ("objective", "auto"): pretrained, ("timesteps", "auto"): pretrained,
              ("data", "imagefolder"): ["data.root=/unused"], ("data", "shards"): ["data.root=/unused"]}
     groups = [p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "feature")]

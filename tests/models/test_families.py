@@ -186,3 +186,32 @@ def test_from_scratch_validation_and_sample_grid_run_through_the_family(name, tr
     assert list((Path(cfg.paths.run_dir) / "samples").glob("step_*.png"))  # the grid of the validation
     pipeline, _ = load_pipeline(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt")
     assert type(pipeline) is family.pipeline_class  # what the grid and sdl-sample sample with
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_every_adapter_exports_what_the_family_pipeline_loads(folders, name, kind, train_config, tmp_path):
+    """DoRA's file loads with load_lora_weights; LoHa and LoKr export the merged family pipeline. Either way its
+    images equal sdl-sample's and differ from the base model's."""
+    folder, _, family = folders[name]
+    cfg = train_config(*FAST, f"model.path={folder}", "data=digits", "data.source.limit=32", "data.batch_size=4",
+                       "trainer.max_steps=4", "lr_scheduler.num_warmup_steps=0", "callbacks.ema.decay=0.5",
+                       "trainer.check_val_every_n_epoch=100", "experiment=lora_sd", f"adapter={kind}",
+                       "optimizer.lr=3e-2", run=kind)
+    train(cfg)
+    ckpt = f"{cfg.paths.run_dir}/checkpoints/last.ckpt"
+    out = tmp_path / "export"
+    export(_compose("export", f"ckpt_path={ckpt}", f"out_dir={out}"))
+    sampling = json.loads((out / "sd_lightning.json").read_text())
+    from_checkpoint = _sampled(ckpt, tmp_path / "samples")
+    base = family.load(folder)
+    before = _images(base, sampling)
+    if kind == "dora":
+        base.load_lora_weights(out)
+        exported = base
+    else:
+        no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family is SD3 else {}
+        exported = family.pipeline_class.from_pretrained(out, local_files_only=True, use_safetensors=True, **no_t5)
+    images = _images(exported, sampling)
+    assert np.abs(images - from_checkpoint).max() <= 2, f"{kind}: the plain pipeline differs from sdl-sample"
+    assert np.abs(images - before).mean() > 1  # the adapters matter
