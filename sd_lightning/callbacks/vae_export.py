@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import lightning as L
 
+from sd_lightning.files import staged_folder
 from sd_lightning.models.autoencoder import fold_latent_standardization
 
 log = logging.getLogger(__name__)
@@ -54,17 +54,12 @@ class VaeExportCallback(L.Callback):
         if self.standardization == "shifted":
             vae.register_to_config(shift_factor=stats.overall_mean)
         vae.register_to_config(scaling_factor=self.scaling_factor)
-        tmp = self.out_dir.with_name(self.out_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        vae.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "latent_statistics.json").write_text(json.dumps(
-            {"standardization": self.standardization, "scaling_factor": self.scaling_factor,
-             "shift_factor": vae.config.get("shift_factor"),
-             "channel_mean": stats.mean, "channel_std": stats.std, "overall_mean": stats.overall_mean,
-             "overall_std": stats.overall_std,
-             "max_batches": self.max_batches}, indent=2) + "\n")
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        tmp.rename(self.out_dir)
+        statistics = {"standardization": self.standardization, "scaling_factor": self.scaling_factor,
+                      "shift_factor": vae.config.get("shift_factor"), "channel_mean": stats.mean,
+                      "channel_std": stats.std, "overall_mean": stats.overall_mean, "overall_std": stats.overall_std,
+                      "max_batches": self.max_batches}
+        with staged_folder(self.out_dir) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "latent_statistics.json").write_text(json.dumps(statistics, indent=2) + "\n")
         log.info("saved VAE (%s standardization, scaling factor %.5f) to %s", self.standardization,
                  self.scaling_factor, self.out_dir)

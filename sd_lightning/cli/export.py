@@ -12,13 +12,13 @@ textual-inversion run exports its embedding file (``learned_embeds.safetensors``
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError, missing_keys, run_entry
+from sd_lightning.files import staged_folder
 from sd_lightning.models.adapters import (
     KOHYA_WEIGHTS_FILE,
     has_adapters,
@@ -69,24 +69,20 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError(f"merge_adapters=true: ckpt_path={cfg.ckpt_path} has no adapters (it is a full model)")
     lora_file = adapted and loads_as_lora(denoiser)
     parts = {family.denoiser_part: denoiser, **encoders}
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     kohya = None
-    if lora_file:
-        save_lora(tmp, family.pipeline_class, parts, family.denoiser_part)
-        kohya = save_kohya_lora(tmp / KOHYA_WEIGHTS_FILE, parts)
-    if adapted and (cfg.merge_adapters or not lora_file):
-        for module in parts.values():
-            if has_adapters(module):
-                merge_adapters(module)
-    merged = tmp / "merged" if lora_file else tmp
-    if not lora_file or cfg.merge_adapters:
-        pipeline.save_pretrained(merged, safe_serialization=True)
-        (merged / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
-    (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with staged_folder(out_dir) as tmp:
+        if lora_file:
+            save_lora(tmp, family.pipeline_class, parts, family.denoiser_part)
+            kohya = save_kohya_lora(tmp / KOHYA_WEIGHTS_FILE, parts)
+        if adapted and (cfg.merge_adapters or not lora_file):
+            for module in parts.values():
+                if has_adapters(module):
+                    merge_adapters(module)
+        merged = tmp / "merged" if lora_file else tmp
+        if not lora_file or cfg.merge_adapters:
+            pipeline.save_pretrained(merged, safe_serialization=True)
+            (merged / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
+        (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
     what = f"a {type(pipeline).__name__}" + (" with the adapters merged" if adapted and not lora_file else "")
     if lora_file:
         what = ("LoRA adapters" + (f" (diffusers; kohya keys: {KOHYA_WEIGHTS_FILE})" if kohya else "")
@@ -98,14 +94,9 @@ def export(cfg: DictConfig) -> Path:
 def _export_embeddings(cfg: DictConfig, out_dir: Path, encoders: dict, sampling: dict) -> Path:
     """A textual-inversion run: the learned embedding file, for ``pipe.load_textual_inversion(file, token=…)``."""
     token = next(iter(placeholder_encoders(encoders).values())).token
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_embeddings(tmp / EMBEDDINGS_FILE, encoders)
-    (tmp / SAMPLING_FILE).write_text(json.dumps({**sampling, "placeholder_token": token}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with staged_folder(out_dir) as tmp:
+        save_embeddings(tmp / EMBEDDINGS_FILE, encoders)
+        (tmp / SAMPLING_FILE).write_text(json.dumps({**sampling, "placeholder_token": token}, indent=2))
     print(f"sdl-export: wrote the textual-inversion embedding of {token} to {out_dir / EMBEDDINGS_FILE} "
           f"(pipe.load_textual_inversion(file, token={token!r}))")
     return out_dir

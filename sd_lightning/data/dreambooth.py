@@ -2,8 +2,8 @@
 beside class images under a class prompt, so fine-tuning on a few images keeps what the class looks like.
 
 Every training example is a pair — instance ``k mod n_instance`` and class ``k mod n_class``, as diffusers'
-``train_dreambooth.py`` pairs them (repeated instance images get their own ids, so their own noise) — so a batch of B pairs holds B instance and B class images, flagged by
-``prior``; the module adds ``prior_loss_weight`` × the class images' loss to the instance images' (both logged).
+``train_dreambooth.py`` pairs them (repeated instance images get their own ids, so their own noise) — so a batch
+of B pairs holds B instance and B class images, flagged by ``prior``; the module adds ``prior_loss_weight`` × the class images' loss to the instance images' (both logged).
 The pairs go through the same resumable samplers as any data set. Class images come from ``class_root``, or are
 generated once with the base model into a cache folder (``resolve_class_images``); user folders are only read.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from sd_lightning.data.datamodule import DiffusionDataModule
 from sd_lightning.data.datasets import DiffusionDataset, collate_examples
 from sd_lightning.data.samplers import unstamp
 from sd_lightning.data.sources import ImageFolderSource, ImageSource, SourceItem
+from sd_lightning.files import staged_folder
 
 log = logging.getLogger(__name__)
 CLASS_IMAGES_INDEX = "class_images.json"
@@ -116,6 +116,9 @@ class DreamBoothDataModule(DiffusionDataModule):
                              "(cli/train.py build_run); here pass a folder of class images")
         self.class_source = PromptedSource(ImageFolderSource(self.class_root, caption_template=None),
                                            self.class_prompt, "class/")
+        if len(self.class_source.items) < self.num_class_images:
+            log.warning("data.class_root=%s has %d class images (data.num_class_images=%d): training with those",
+                        self.class_root, len(self.class_source.items), self.num_class_images)
         # More class than instance images: each instance image repeats within an epoch, every copy with its own id
         # (so its own noise and augmentation), as labeled oversampling does.
         self.labeled_oversample = max(1, -(-len(self.class_source.items) // len(self.source.items)))
@@ -143,10 +146,6 @@ def resolve_class_images(datamodule: DreamBoothDataModule, model: Any, cache_roo
     """The class images folder: ``data.class_root``, or ``num_class_images`` generated once by the base model
     (before any training step) under ``cache_root``, reused by every later run of the same model and prompt."""
     if datamodule.class_root is not None:
-        count = len(ImageFolderSource(datamodule.class_root, caption_template=None).items)
-        if count < datamodule.num_class_images:
-            log.warning("data.class_root=%s has %d class images (data.num_class_images=%d): training with those",
-                        datamodule.class_root, count, datamodule.num_class_images)
         return datamodule.class_root
     if not model.path:
         raise ValueError("data=dreambooth without data.class_root generates the class images with the base model, "
@@ -164,9 +163,6 @@ def resolve_class_images(datamodule: DreamBoothDataModule, model: Any, cache_roo
     log.info("dreambooth: generating %d class images of %r with the base model into %s",
              datamodule.num_class_images, datamodule.class_prompt, folder)
     pipeline = build_pipeline(model.components, model.objective, sampling["scheduler"])
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     was_training = model.training
     model.eval()
     try:
@@ -175,9 +171,9 @@ def resolve_class_images(datamodule: DreamBoothDataModule, model: Any, cache_roo
                           height=resolution, width=resolution, pipeline_kwargs=sampling.get("pipeline_kwargs"))
     finally:
         model.train(was_training)
-    for index, image in enumerate(images):
-        image.save(tmp / f"{index:05d}.png")
-    (tmp / CLASS_IMAGES_INDEX).write_text(json.dumps({"prompt": datamodule.class_prompt,
-                                                      "count": datamodule.num_class_images}) + "\n")
-    tmp.rename(folder)
+    with staged_folder(folder) as tmp:
+        for index, image in enumerate(images):
+            image.save(tmp / f"{index:05d}.png")
+        (tmp / CLASS_IMAGES_INDEX).write_text(json.dumps({"prompt": datamodule.class_prompt,
+                                                          "count": datamodule.num_class_images}) + "\n")
     return str(folder)

@@ -70,7 +70,7 @@ class ImageSource:
         return self.load_image(index).size
 
     def load_mask(self, index: int, mode: str) -> Image.Image | None:
-        """The item's loss mask (mode ``L``, the image's size), or None: this source has no masks."""
+        """The item's loss mask (mode ``L``), or None: this source has no masks."""
         return None
 
     def describe(self) -> str:
@@ -212,7 +212,7 @@ class ImageFolderSource(ImageSource):
 
     def load_mask(self, index: int, mode: str) -> Image.Image | None:
         """``files``: the ``<stem>.mask.png`` beside the image; ``alpha``: the image's alpha channel (None for an
-        image without one). Resized to the image when their sizes differ; an unreadable mask skips the sample."""
+        image without one). An unreadable mask skips the sample; the transform fits its size to the image's."""
         item = self.items[index]
         path = resolve_inside(self.root, item.mask) if mode == "files" and item.mask else None
         if mode == "alpha":
@@ -227,10 +227,9 @@ class ImageFolderSource(ImageSource):
                     mask = image.convert("RGBA").getchannel("A")
                 else:
                     return None
-                size = self.image_size(index)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as err:
             raise UnreadableImageError(f"{path} (loss mask): {type(err).__name__}: {err}") from err
-        return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
+        return mask
 
 
 LFW_FACE_CAPTION = "a photo of a face"

@@ -90,11 +90,13 @@ class ImageTransform:
 
     def apply_masked(self, image: Image.Image, mask: Image.Image | None, rng: random.Random | None = None,
                      size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``apply`` with a loss mask (mode ``L``, the image's size) resized, cropped and flipped exactly as the
-        pixels (separately: resizing them together as RGBA would premultiply the colors by the mask); returned as
-        [1, H, W] in [0, 1], or None without a mask."""
+        """``apply`` with a loss mask (mode ``L``; fitted to the image's size first) resized, cropped and flipped
+        exactly as the pixels (separately: resizing them together as RGBA would premultiply the colors by the mask);
+        returned as [1, H, W] in [0, 1], or None without a mask."""
         rng = rng or random.Random(0)
         image = image.convert("RGB")
+        if mask is not None and mask.size != image.size:
+            mask = mask.resize(image.size, Image.Resampling.BILINEAR)
         target_w, target_h = size or (self.resolution, self.resolution)
         width, height = image.size
         original = (height, width)

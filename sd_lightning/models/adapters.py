@@ -25,6 +25,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from sd_lightning.models.conditioners import is_clip
+
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_FILE = "kohya_lora.safetensors"
 # Kohya's prefix of each part (one text encoder: lora_te, as sd-scripts names SD 1.x LoRAs; SDXL's two: te1, te2).
@@ -149,7 +151,7 @@ def inject_adapters(denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.
     _check_targets(denoiser, adapter.target_modules, "adapter.target_modules")
     modules = [(denoiser, adapter.target_modules)]
     if adapter.text_encoder:
-        clips = [e for e in text_encoders if type(e).__name__.startswith("CLIP")]  # not SD 3's T5
+        clips = [e for e in text_encoders if is_clip(e)]
         for encoder in clips:
             _check_targets(encoder, adapter.text_encoder_target_modules, "adapter.text_encoder_target_modules")
         modules += [(encoder, adapter.text_encoder_target_modules) for encoder in clips]

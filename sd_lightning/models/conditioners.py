@@ -27,6 +27,12 @@ Conditioning = dict[str, torch.Tensor]
 NULL_PROMPT = ""
 
 
+def is_clip(encoder: Any) -> bool:
+    """A CLIP text encoder (with or without projection), as opposed to SD 3's T5: what adapters and placeholder
+    tokens attach to."""
+    return type(encoder).__name__.startswith("CLIP")
+
+
 class TextConditioner(torch.nn.Module):
     """One CLIP text encoder (SD 1.x/2.x): its last hidden states, and the pooled (EOS) embedding."""
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from sd_lightning.models.conditioners import is_clip
+
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 # The keys of an SDXL embedding file (AUTOMATIC1111's and diffusers' convention), per text encoder.
 ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
@@ -85,7 +87,7 @@ class TextualInversion:
 def _clip_parts(conditioner: Any) -> list[tuple[str, Any, Any]]:
     """(encoder name, tokenizer, encoder) of each CLIP encoder (SD 3's T5 keeps its vocabulary)."""
     return [(e, getattr(conditioner, t), getattr(conditioner, e)) for t, e in conditioner.present_parts()
-            if type(getattr(conditioner, e)).__name__.startswith("CLIP")]
+            if is_clip(getattr(conditioner, e))]
 
 
 def inject_textual_inversion(conditioner: Any, spec: TextualInversion) -> None:
