@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -59,21 +59,50 @@ def at_optimizer_step_boundary(trainer: L.Trainer) -> bool:
     return trainer.accumulate_grad_batches == 1 or completed % trainer.accumulate_grad_batches == 0
 
 
-class FinalCheckpointCallback(L.Callback):
-    """Saves ``last.ckpt`` when training ends between validations (e.g. at ``max_steps`` mid-epoch).
+class FinalCheckpointCallback(Checkpoint):
+    """Saves ``last.ckpt`` at the step that ends training (``max_steps``) and when training ends between validations.
 
-    ModelCheckpoint saves after validation only, so without this the steps after the last validation
-    would be lost and a resumed or sampled "last" model would be older than the run.
+    ModelCheckpoint saves after validation only, so without this the steps after the last validation would be lost
+    and a resumed or sampled "last" model would be older than the run. At ``max_steps`` the save happens inside the
+    epoch — at that step's ``on_train_batch_end``, and again after a validation of that step — a point Lightning
+    resumes mid-epoch from: a finished run continued with a higher ``max_steps`` then draws the batches an
+    uninterrupted run would (saved at ``on_train_end``, Lightning counts the epoch finished, and the continued run
+    would start the next epoch's order instead). A ``Checkpoint``, so that Lightning runs it after the other
+    callbacks' hooks (the EMA update of that step).
     """
 
+    def __init__(self) -> None:
+        self._saved_step = -1
+
+    @staticmethod
+    def _final_step(trainer: L.Trainer) -> bool:
+        return 0 < trainer.max_steps <= trainer.global_step  # global_step moves only on a real optimizer step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._final_step(trainer):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._final_step(trainer) and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._save(trainer, after_validation=True)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: L.Trainer, after_validation: bool = False) -> None:
         checkpoint = last_checkpoint_callback(trainer)
-        path = last_checkpoint_path(trainer)
-        # Another checkpoint (e.g. the best one) saved at this step does not make last.ckpt current.
-        if path is None or trainer.global_step == 0 or getattr(checkpoint, "_last_global_step_saved", -1) == trainer.global_step:
+        if checkpoint is None or trainer.global_step == 0:
             return
+        # Another checkpoint (e.g. the best one) saved at this step does not make last.ckpt current.
+        if not after_validation and trainer.global_step in (self._saved_step, checkpoint._last_global_step_saved):
+            return
+        path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
         checkpoint.last_model_path = str(path)
+        # ModelCheckpoint's on_train_end writes last.ckpt again, from the finished-epoch state, unless it knows one
+        # was written.
+        checkpoint._last_checkpoint_saved = str(path)
+        self._saved_step = trainer.global_step
 
 
 class PreemptionCheckpointCallback(L.Callback):

@@ -45,7 +45,7 @@ SCRIPTS = {script.name: script for script in (
            "train"),
     Script("sdl-sample", "sd_lightning.cli.sample", "generate images from a checkpoint or an exported pipeline",
            "sample"),
-    Script("sdl-export", "sd_lightning.cli.export", "write a checkpoint as a diffusers pipeline folder", "export"),
+    Script("sdl-export", "sd_lightning.cli.export", "write a checkpoint as a diffusers pipeline folder, LoRA or single file", "export"),
     Script("sdl-eval", "sd_lightning.cli.eval", "validation metrics and sample quality of a model", "eval"),
     Script("sdl-data", "sd_lightning.cli.data", "inspect, clean, cache and shard image data", "data_tool"),
     Script("sdl-compare", "sd_lightning.cli.compare", "compare run folders (final metrics, seeds, plots)"),

@@ -23,6 +23,7 @@ from sd_lightning.callbacks.progress import FitTimeCallback, format_duration
 from sd_lightning.cli.config import CONFIG_DIR, run_entry, validate_train_config
 from sd_lightning.data.cache import AUTO, resolve_auto_cache
 from sd_lightning.data.dreambooth import DreamBoothDataModule, resolve_class_images
+from sd_lightning.data.notices import length_notice, say
 from sd_lightning.evaluation.manifest import build_manifest, log_manifest, write_manifest
 from sd_lightning.models.checkpoint_io import RECORD_KEY, CheckpointError, load_checkpoint
 
@@ -174,6 +175,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         datamodule.cache = resolve_auto_cache(datamodule, model, Path(cfg.paths.output_root) / "cache")
     if isinstance(datamodule, DreamBoothDataModule):  # the class images: a folder, or generated once by the base
         datamodule.class_root = resolve_class_images(datamodule, model, Path(cfg.paths.output_root) / "class_images")
+    tokenizer = getattr(getattr(model, "conditioner", None), "tokenizer", None)
+    if tokenizer is not None and getattr(datamodule, "source", None) is not None:
+        say(length_notice(datamodule.source, tokenizer))
     run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [*_instantiate_all(cfg.get("callbacks")), RunConfigCallback(run_config), FitTimeCallback()]
     logger_cfg = cfg.get("logger") or {}
@@ -236,12 +240,15 @@ def finish_loggers(loggers: list[Any]) -> None:
 
 
 def _print_summary(trainer: L.Trainer, run_dir: Path, cfg: DictConfig, fit_seconds: float) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"sd_lightning run '{cfg.name}' finished", show_header=False)
     table.add_row("run folder", str(run_dir))
     for checkpoint in trainer.checkpoint_callbacks:
+        if not isinstance(checkpoint, ModelCheckpoint):  # FinalCheckpointCallback writes ModelCheckpoint's last.ckpt
+            continue
         if checkpoint.save_last:
             table.add_row("last checkpoint", str(checkpoint.last_model_path or "-"))
         if checkpoint.monitor:

@@ -15,6 +15,7 @@ from sd_lightning.data.buckets import AspectRatioBuckets, BucketSampler
 from sd_lightning.data.cache import AUTO, open_cached_datasets
 from sd_lightning.data.checks import NUMBERS, data_problems, require
 from sd_lightning.data.datasets import DiffusionDataset, collate_examples
+from sd_lightning.data.notices import caption_notice, say, size_notice
 from sd_lightning.data.samplers import ResumableShuffleSampler, ShardedEvalSampler
 from sd_lightning.data.sources import MASK_SUFFIX, ImageSource, read_exclusions
 from sd_lightning.data.split import split_fraction, split_indices, stable_seed
@@ -154,6 +155,8 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.captions.conditioning == "class" and not any(self.source.items[i].label for i in train):
             raise ValueError(f"data.conditioning=class: {self.source.describe()} has no class labels (an image "
                              "folder takes them from class sub-folders); use data.conditioning=text or none")
+        say(caption_notice(self.source, train, self.captions.conditioning),
+            size_notice(self.source, train, self.transform.resolution))
         sizes = None
         if self.buckets is not None:
             self.train_bucket_ids = [self.buckets.assign(self.source.image_size(i)) for i in train]

@@ -136,9 +136,9 @@ def test_gpu_parallel_launcher_runs_each_job_on_its_own_device(tmp_path):
 
     (tmp_path / "record_devices.py").write_text(RECORDER)
     multirun(tmp_path, "hydra/launcher=gpu_parallel", "hydra.launcher.devices=[0,1]", "hydra.launcher.poll_seconds=0.2",
-             "+callbacks.record._target_=record_devices.RecordDevices", "seed=0,1,2,3,4", "trainer.max_steps=2")
+             "+callbacks.record._target_=record_devices.RecordDevices", "seed=0,1,2", "trainer.max_steps=2")
     jobs = _job_dirs(tmp_path)
-    assert [job.name for job in jobs] == ["0", "1", "2", "3", "4"]  # every job once
+    assert [job.name for job in jobs] == ["0", "1", "2"]  # every job once
     records = [json.loads((job / "devices.json").read_text()) for job in jobs]
     assert {r["devices"] for r in records} == {"0", "1"}
     assert _max_overlap([(r["start"], r["end"]) for r in records]) == 2  # two at once, the rest queued

@@ -1,8 +1,9 @@
 """experiments/benchmark.py --quick runs and reports finite, positive numbers (no timing goals).
 
-CI runs the rows that cover every worker kind — Lightning, the plain floor, the real sdl-train loop, both samplers,
-the matmul reference — and the estimate row's whole runs; the other rows are the Lightning worker with config
-overrides that tests/models/test_config_groups.py trains.
+CI runs the rows behind the benchmark's claims about the framework — Lightning against the plain floor, the real
+sdl-train loop, and the estimate row's whole runs. The sampler and matmul workers (rows sampling and mfu) and the
+other rows (the Lightning worker with config overrides that tests/models/test_config_groups.py trains) run in the
+benchmark itself only (``--quick`` without ``--only``): three more worker start-ups were a sixth of this test.
 """
 
 import importlib.util
@@ -33,7 +34,7 @@ def _positive(value) -> bool:
 @pytest.mark.timeout(2400)  # ~2 min on a quiet 2-core machine; >15 min when other test suites share the cores
 def test_quick_benchmark_reports_its_rows(tmp_path):
     output = tmp_path / "benchmark_quick.json"
-    rows = ["overhead", "overhead_sdl_train", "sampling", "mfu", "estimate"]
+    rows = ["overhead", "overhead_sdl_train", "estimate"]
     every_row = [row.name for row in _benchmark_module().build_rows(_benchmark_module().QUICK)]
     assert set(rows) <= set(every_row)
     # One torch thread per worker: on a shared CI machine, oversubscribed OpenMP threads make steps erratic.
@@ -57,14 +58,10 @@ def test_quick_benchmark_reports_its_rows(tmp_path):
             assert timing["n"] == row["reps"], where
             assert all(_positive(timing[k]) for k in ("median", "min", "max")), where
             assert timing["min"] <= timing["median"] <= timing["max"], where
-            if entry["config"]["kind"] != "matmul":  # the matmul reference has FLOP/s, not samples/s
-                assert _positive(entry["samples_per_second"]), where
+            assert _positive(entry["samples_per_second"]), where
             assert _positive(entry["worker"]["peak_rss_mib"]), where
-            if index > 0 and name != "mfu":  # mfu compares a step with a matmul: its figure is row["mfu"]
+            if index > 0:
                 assert all(_positive(v) for v in entry["time_ratio_vs_baseline"].values()), where
-    mfu = result["rows"]["mfu"]["mfu"]
-    assert _positive(mfu["median"]) and mfu["median"] < 1.5  # a step cannot beat the matmul peak by much
-    assert _positive(mfu["flops_per_step"])
     # The sdl-train loop ran with the default callbacks and both default loggers, as sdl-train builds them.
     loop = result["rows"]["overhead_sdl_train"]["configs"][1]["worker"]
     assert {"EMACallback", "ModelCheckpoint", "SampleGridCallback", "FitTimeCallback"} <= set(loop["callbacks"])

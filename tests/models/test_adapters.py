@@ -254,6 +254,11 @@ def test_lora_resume_export_and_sample(sd_folder, train_config, tmp_path):
     assert np.abs(adapted - from_checkpoint).max() <= 2
     assert np.abs(merged - adapted).max() <= 2
     assert np.abs(base_images - adapted).mean() > 2  # the adapters matter: the images are not the base model's
+    single = export(_compose("export", f"ckpt_path={part.paths.run_dir}/checkpoints/last.ckpt",
+                             f"out_dir={tmp_path / 'single'}", "format=single_file"))  # adapters merged into it
+    from_file = StableDiffusionPipeline.from_single_file(str(single / "model.safetensors"), config=str(out / "merged"),
+                                                         local_files_only=True)
+    assert np.array_equal(_pipeline_images(from_file, sampling), merged)
 
     ckpt[RECORD_KEY]["base_path"] = str(tmp_path / "moved-away")
     torch.save(ckpt, tmp_path / "orphan.ckpt")

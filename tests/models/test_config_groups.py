@@ -58,7 +58,8 @@ def test_every_option_of_every_group_composes(tmp_path):
     extra = {("experiment", "finetune_sd"): pretrained, ("experiment", "lora_sd"): pretrained,
              ("experiment", "textual_inversion_sd"): pretrained, ("experiment", "dreambooth_sd"): pretrained,
              ("model", "pretrained"): pretrained, ("objective", "auto"): pretrained, ("timesteps", "auto"): pretrained,
-             ("data", "imagefolder"): ["data.root=/unused"], ("data", "shards"): ["data.root=/unused"]}
+             ("data", "imagefolder"): ["data.root=/unused"], ("data", "shards"): ["data.root=/unused"],
+             ("experiment", "scratch"): ["data.root=/unused"], ("experiment", "scratch_autoencoder"): ["data.root=/unused"]}
     groups = [p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "feature")]
     assert {"objective", "timesteps", "noise", "input_perturbation", "weighting", "model", "sweep"} <= set(groups)
     for group in groups:

@@ -53,9 +53,9 @@ def _compose(name, *overrides):
         return compose(name, overrides=list(overrides))
 
 
-def _write_folder(root, name):
+def _write_folder(root, name, *extra):
     family, overrides = FAMILY_CONFIGS[name]
-    cfg = _compose("train", *overrides, "data=digits")
+    cfg = _compose("train", *overrides, "data=digits", *extra)
     torch.manual_seed(0)
     components = instantiate(cfg.model.components)
     if family is SD3:  # SD 3's VAE convention: (z - shift) · scale, which export and sampling must keep

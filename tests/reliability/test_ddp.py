@@ -155,7 +155,7 @@ def _poisoned(root: Path, name: str, *overrides: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, runs):
     """NaN pixels on rank 1 only: the run finishes, both ranks agree, and the step is skipped everywhere."""
     poison = ["+callbacks.poison._target_=faults.PoisonBatches", "+callbacks.poison.start=2",
               "+callbacks.poison.count=1"]
@@ -163,14 +163,13 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
         patch.syspath_prepend(str(HERE))
         one = _poisoned(tmp_path, "one_rank", *poison, "+callbacks.poison.rank=1")
         both = _poisoned(tmp_path, "both_ranks", *poison)
-        clean = _poisoned(tmp_path, "clean")
     assert one["state"]["global_step"] == both["state"]["global_step"] == 6
     assert one["state"]["callbacks"]["nonfinite"]["skipped"] == 1  # counted once, not once per rank
     for name, value in one["ranks"][0].items():
         assert torch.equal(value, one["ranks"][1][name]), f"ranks disagree on {name}"
         assert torch.equal(value, both["ranks"][0][name]), f"{name} differs from skipping the step everywhere"
-    gap = max((one["ranks"][0][n] - clean["ranks"][0][n]).abs().max().item() for n in one["ranks"][0])
-    assert gap > 1e-5  # negative control: the skipped step really changed the outcome
+    # Negative control: the same 2-process run without poison (the module's) ends elsewhere.
+    assert _denoiser_gap(one, runs["double"]) > 1e-5  # the skipped step really changed the outcome
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
-"""Exact resume: a run killed at any step and resumed in a fresh process ends bit-identical to an
-uninterrupted run (weights, EMA, optimizer, LR schedule, step counters, CSV metric history)."""
+"""Exact resume: a run killed at any step (in its own process) and resumed in another ends bit-identical to an
+uninterrupted run (weights, EMA, optimizer, LR schedule, step counters, CSV metric history).
+
+The stopped run is a subprocess (kill -9 and signals need one); the resume and the uninterrupted reference run in
+this test process, as the next command would, sharing nothing with the stopped process but the run folder."""
 
 import os
 import signal
@@ -56,6 +59,11 @@ def run_subprocess(run_dir: Path, overrides: list[str], expect_kill: bool = Fals
     else:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def resume(run_dir: Path, overrides: list[str]) -> None:
+    """Continue the stopped run of ``run_dir`` here (``ckpt_path=last`` or ``resume=auto`` in ``overrides``)."""
+    train(compose_train(run_dir, [*_base(overrides), *overrides]))
 
 
 def final_state(run_dir: Path) -> dict:
@@ -126,7 +134,7 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, reference, kill_step
                    expect_kill=True)
     killed_at = final_state(run_dir)["global_step"]
     assert 0 < killed_at < kill_step
-    run_subprocess(run_dir, [*extra, "ckpt_path=last"])
+    resume(run_dir, [*extra, "ckpt_path=last"])
     assert_same_run(run_dir, reference(*extra))
 
 
@@ -137,7 +145,7 @@ def test_preemption_signal_saves_a_checkpoint_and_resume_matches(tmp_path, refer
     run_subprocess(run_dir, ["+callbacks.fault._target_=faults.SignalAtStep", "+callbacks.fault.step=11",
                              f"+callbacks.fault.signum={int(signum)}"])
     assert final_state(run_dir)["global_step"] in (11, 12)  # the batch in flight finishes first
-    run_subprocess(run_dir, ["resume=auto"])
+    resume(run_dir, ["resume=auto"])
     assert_same_run(run_dir, reference())
 
 
@@ -147,7 +155,7 @@ def test_negative_control_plain_dataloader_does_not_resume_exactly(tmp_path, ref
     run_dir = tmp_path / "run"
     run_subprocess(run_dir, ["data.stateful=false", "+callbacks.fault._target_=faults.KillAtStep",
                              "+callbacks.fault.step=10"], expect_kill=True)
-    run_subprocess(run_dir, ["data.stateful=false", "ckpt_path=last"])
+    resume(run_dir, ["data.stateful=false", "ckpt_path=last"])
     with pytest.raises(AssertionError):
         assert_same_run(run_dir, reference("data.stateful=false"))
 
@@ -164,6 +172,26 @@ def test_last_checkpoint_is_current_when_another_checkpoint_saved_the_final_step
                                   "trainer.val_check_interval=6", "ckpt_path=last"]))
     assert final_state(run_dir)["global_step"] == 14
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*.ckpt")) == ["last.ckpt", "last.prev.ckpt"]
+
+
+def test_a_finished_run_continued_with_more_steps_matches_one_run_of_that_length(tmp_path):
+    """Finished at max_steps=6 (mid-epoch), continued to 10 (a schedule that does not depend on max_steps): the
+    same batches and weights as one 10-step run. Saved at train end, the epoch counted finished and the continued
+    run started the next epoch's order."""
+    steps = [*BASE, "lr_scheduler=constant", "callbacks.checkpoint.every_n_train_steps=null",
+             "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=100"]
+    run_dir, reference_dir = tmp_path / "run", tmp_path / "reference"
+    train(compose_train(run_dir, [*steps, "trainer.max_steps=6"]))
+    finished = final_state(run_dir)
+    assert finished["global_step"] == 6 and finished["epoch"] == 0
+    train(compose_train(run_dir, [*steps, "trainer.max_steps=10", "ckpt_path=last"]))
+    train(compose_train(reference_dir, [*steps, "trainer.max_steps=10"]))
+    ours, theirs = final_state(run_dir), final_state(reference_dir)
+    assert ours["global_step"] == theirs["global_step"] == 10 and ours["epoch"] == theirs["epoch"] == 0
+    assert_same_tensors(ours["state_dict"], theirs["state_dict"], "state_dict")
+    assert_same_tensors(ours["callbacks"]["ema"], theirs["callbacks"]["ema"], "ema")
+    assert_same_tensors(ours["optimizer_states"], theirs["optimizer_states"], "optimizer")
+    assert any(not torch.equal(ours["state_dict"][k], finished["state_dict"][k]) for k in finished["state_dict"])
 
 
 @pytest.mark.slow
