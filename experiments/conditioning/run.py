@@ -118,7 +118,7 @@ def main() -> None:
     ckpt = (work / "outputs" / name / "latest" / "checkpoints" / "last.ckpt").resolve()
     ceiling = vae_ceiling(vae_dir, args.resolution)
     for guidance in args.guidance:
-        record = {"name": args.name, "diffusion_overrides": args.diffusion, "images": args.images,
+        record = {"name": args.name, "vae_overrides": args.vae, "diffusion_overrides": args.diffusion, "images": args.images,
                   "resolution": args.resolution, "guidance": guidance, "sampling_steps": args.steps,
                   "per_prompt": args.per_prompt, "seconds": {k: round(v, 1) for k, v in seconds.items()},
                   "vae_ceiling": ceiling, **judge(ckpt, args.per_prompt, guidance, args.steps),
