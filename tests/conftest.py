@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def compose_train(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
             "train",
             overrides=[f"paths.run_dir={run_dir}", f"paths.output_root={run_dir.parent}", *overrides],
         )
+
+
+def start_command(command: Sequence[str], **options) -> subprocess.Popen:
+    """A command started in the background, its output captured: commands that do not depend on each other run side
+    by side (their interpreter start-up is most of their time)."""
+    return subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
+
+
+def finish_command(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.fixture

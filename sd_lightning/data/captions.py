@@ -100,3 +100,8 @@ def caption_of(image: Path, relative: str, metadata: Mapping[str, Any] | None, t
     if template and name is not None:
         return Caption(template.format(class_name=name), "class_folder", why)
     return Caption(None, None, why)
+
+
+def token_counts(tokenizer: Any, captions: list[str]) -> list[int]:
+    """Each caption's length in the text encoder's tokens, BOS/EOS included (what ``model_max_length`` bounds)."""
+    return [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]

@@ -26,7 +26,7 @@ import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sd_lightning.data.captions import MetadataError, caption_of, read_metadata
+from sd_lightning.data.captions import MetadataError, caption_of, read_metadata, token_counts
 from sd_lightning.data.report import (
     FileRecord,
     InspectionReport,
@@ -314,12 +314,12 @@ def _captions(root: Path, metadata_file: Path | None, texts: Mapping[str, Any], 
     captioned = [r for r in records if r.caption is not None]
     if not captioned:
         return []
-    encoded = tokenizer([r.caption for r in captioned], truncation=False, verbose=False)["input_ids"]
+    counts = token_counts(tokenizer, [r.caption for r in captioned])
     limit = int(tokenizer.model_max_length)
-    for record, ids in zip(captioned, encoded, strict=True):
-        record.caption_tokens = len(ids)
-        if len(ids) > limit and record.width is not None and settings.check_captions:
-            report(record.id, Reason.CAPTION_TOO_LONG, f"{len(ids)} tokens (with BOS/EOS) > the tokenizer's {limit}: "
+    for record, count in zip(captioned, counts, strict=True):
+        record.caption_tokens = count
+        if count > limit and record.width is not None and settings.check_captions:
+            report(record.id, Reason.CAPTION_TOO_LONG, f"{count} tokens (with BOS/EOS) > the tokenizer's {limit}: "
                                                        "the end would be silently truncated")
     return [r.caption_tokens for r in captioned]
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from sd_lightning.data.captions import token_counts
+
 log = logging.getLogger(__name__)
 
 # Image headers read for the size check and captions tokenized for the length check, evenly spaced over the data.
@@ -40,7 +42,7 @@ def length_notice(source: Any, tokenizer: Any, sample: int = CAPTION_SAMPLE) -> 
     if not captions or not isinstance(limit, int) or limit > 100_000:
         return None
     captions = captions[::max(1, len(captions) // sample)]
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
+    lengths = token_counts(tokenizer, captions)
     long = sum(n > limit for n in lengths)
     if not long:
         return None

@@ -7,21 +7,17 @@ from pathlib import Path
 
 import torch
 
+from conftest import finish_command, start_command
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "my_project"
 
 
 def _start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).parent / args[0]), *args[1:]], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=600)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return start_command([str(Path(sys.executable).parent / args[0]), *args[1:]], cwd=cwd)
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return _finish(_start(cwd, *args))
+    return finish_command(_start(cwd, *args))
 
 
 def test_a_users_objective_and_weighting_train_and_sample_from_their_folder(tmp_path):
@@ -41,7 +37,7 @@ def test_a_users_objective_and_weighting_train_and_sample_from_their_folder(tmp_
     refusing = _start(project, "sdl-sample", f"ckpt_path={ckpt}", "out_dir=s1", "num_images=1", "steps=2")
     sampled = _run(project, "sdl-sample", f"ckpt_path={ckpt}", "out_dir=s2", "num_images=1", "steps=2",
                    "trusted_objectives=[my_pieces.NoisyHalfVPrediction]")
-    refused = _finish(refusing)
+    refused = finish_command(refusing)
     assert refused.returncode == 2 and "trusted_objectives=[my_pieces.NoisyHalfVPrediction]" in refused.stderr
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert (project / "s2" / "00000.png").is_file()

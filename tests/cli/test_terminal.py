@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import finish_command, start_command
+
 BIN = Path(sys.executable).parent
 # A warning line: Python's warnings, logged WARNINGs, and the libraries' own prefixed notices.
 WARNING = re.compile(r"warn|deprecat|^\[transformers\]|^wandb:|^💡", re.IGNORECASE)
@@ -25,15 +27,13 @@ ALLOWED = [
 
 
 def _start(cwd: Path, *command: str) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.Popen([str(BIN / command[0]), *command[1:]], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_command([str(BIN / command[0]), *command[1:]], cwd=cwd, env={**os.environ, "WANDB_MODE": "offline"})
 
 
 def _finish(process: subprocess.Popen) -> str:
-    stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-3000:]
-    return stdout + stderr
+    result = finish_command(process)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def _run(cwd: Path, *command: str) -> str:

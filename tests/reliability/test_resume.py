@@ -17,7 +17,7 @@ import torch
 
 from sd_lightning.cli.train import train
 
-from conftest import compose_train
+from conftest import compose_train, finish_command, start_command
 
 HERE = Path(__file__).resolve().parent
 
@@ -202,13 +202,11 @@ def test_a_killed_ddp_worker_ends_the_run_within_the_timeout_and_resume_matches(
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
     def start(run_dir: Path, *extra: str) -> tuple[subprocess.Popen, float]:
-        return subprocess.Popen([sys.executable, "-m", "sd_lightning.cli.train", f"hydra.run.dir={run_dir}",
-                                 f"paths.output_root={run_dir.parent}", *BASE, *ddp, *extra],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), time.monotonic()
+        return start_command([sys.executable, "-m", "sd_lightning.cli.train", f"hydra.run.dir={run_dir}",
+                              f"paths.output_root={run_dir.parent}", *BASE, *ddp, *extra], env=env), time.monotonic()
 
     def finish(process: subprocess.Popen, started: float) -> tuple[subprocess.CompletedProcess, float]:
-        stdout, stderr = process.communicate(timeout=300)
-        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), time.monotonic() - started
+        return finish_command(process, timeout=300), time.monotonic() - started
 
     def launch(run_dir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
         return finish(*start(run_dir, *extra))
