@@ -50,6 +50,25 @@ def finish_command(process: subprocess.Popen, timeout: float = 600) -> subproces
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+# The environment every test starts from. Lightning's launchers set MASTER_PORT and friends in the launching process
+# (a module fixture's ddp_spawn run, say); a later test's subprocesses inherited them, so two DDP runs started side
+# by side met on one port and reset each other's connections.
+SESSION_ENVIRONMENT = dict(os.environ)
+
+
+def reset_environment() -> None:
+    for key in set(os.environ) - set(SESSION_ENVIRONMENT) - {"PYTEST_CURRENT_TEST"}:  # pytest's own, per test
+        del os.environ[key]
+    os.environ.update(SESSION_ENVIRONMENT)
+
+
+@pytest.fixture(autouse=True)
+def session_environment():
+    reset_environment()
+    yield
+    reset_environment()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny steps: one thread avoids oversubscribing a shared 2-core machine (measured 30x slower)."""
