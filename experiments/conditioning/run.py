@@ -79,6 +79,15 @@ def judge(ckpt: Path, per_prompt: int, guidance: float, steps: int) -> dict[str,
     return result
 
 
+def _is_final(kept: Path, final: Path) -> bool:
+    import torch
+
+    def step(path: Path) -> int:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+    return step(kept) == step(final)
+
+
 def _hardware() -> dict:
     spec = importlib.util.spec_from_file_location("digits_quality_measure",
                                                   ROOT / "experiments" / "digits_quality" / "measure.py")
@@ -97,6 +106,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     parser.add_argument("--steps", type=int, default=30, help="sampling steps")
     parser.add_argument("--per-prompt", type=int, default=10)
+    parser.add_argument("--judge-every", type=int, default=None,
+                        help="also keep a checkpoint every N steps and measure each (one training run, a curve)")
     parser.add_argument("--work", type=Path, default=None, help="reuse this folder's set and VAE (default: fresh)")
     parser.add_argument("--out", type=Path, default=HERE / "results.jsonl")
     args = parser.parse_args()
@@ -113,20 +124,30 @@ def main() -> None:
         seconds["vae"] = timed([str(BIN / "sdl-train"), "experiment=scratch_autoencoder", *common, "name=cond_vae",
                                 *args.vae], work / "vae.log")
     name = f"cond_{args.name}"
+    keep = []
+    if args.judge_every:
+        keep = ["+callbacks.every_n._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"+callbacks.every_n.dirpath={work / 'outputs' / name / 'steps'}", "+callbacks.every_n.save_top_k=-1",
+                f"+callbacks.every_n.every_n_train_steps={args.judge_every}", "+callbacks.every_n.filename='step{step:05d}'",
+                "+callbacks.every_n.auto_insert_metric_name=false"]
     seconds["diffusion"] = timed([str(BIN / "sdl-train"), "experiment=scratch", *common, "vae_run=cond_vae",
-                                  f"name={name}", *args.diffusion], work / f"{name}.log")
-    ckpt = (work / "outputs" / name / "latest" / "checkpoints" / "last.ckpt").resolve()
+                                  f"name={name}", *args.diffusion, *keep], work / f"{name}.log")
+    final = (work / "outputs" / name / "latest" / "checkpoints" / "last.ckpt").resolve()
+    checkpoints = sorted((work / "outputs" / name / "steps").glob("step*.ckpt")) if args.judge_every else []
     ceiling = vae_ceiling(vae_dir, args.resolution)
-    for guidance in args.guidance:
-        record = {"name": args.name, "vae_overrides": args.vae, "diffusion_overrides": args.diffusion, "images": args.images,
-                  "resolution": args.resolution, "guidance": guidance, "sampling_steps": args.steps,
-                  "per_prompt": args.per_prompt, "seconds": {k: round(v, 1) for k, v in seconds.items()},
-                  "vae_ceiling": ceiling, **judge(ckpt, args.per_prompt, guidance, args.steps),
-                  "hardware": _hardware()}
-        with args.out.open("a") as out:
-            out.write(json.dumps(record) + "\n")
-        print(json.dumps({k: record[k] for k in ("name", "guidance", "seconds", "vae_ceiling", "trained", "held_out")}),
-              flush=True)
+    # last.ckpt is measured unless a kept checkpoint is of its step already (the run's final step).
+    for ckpt in [*checkpoints, *([] if checkpoints and args.judge_every and _is_final(checkpoints[-1], final) else [final])]:
+        step = int(ckpt.stem[4:]) if ckpt.stem.startswith("step") else None
+        for guidance in args.guidance:
+            record = {"name": args.name, "vae_overrides": args.vae, "diffusion_overrides": args.diffusion,
+                      "images": args.images, "resolution": args.resolution, "step": step, "guidance": guidance,
+                      "sampling_steps": args.steps, "per_prompt": args.per_prompt,
+                      "seconds": {k: round(v, 1) for k, v in seconds.items()}, "vae_ceiling": ceiling,
+                      **judge(ckpt, args.per_prompt, guidance, args.steps), "hardware": _hardware()}
+            with args.out.open("a") as out:
+                out.write(json.dumps(record) + "\n")
+            print(json.dumps({k: record[k] for k in ("name", "step", "guidance", "seconds", "vae_ceiling", "trained",
+                                                     "held_out")}), flush=True)
 
 
 if __name__ == "__main__":

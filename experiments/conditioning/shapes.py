@@ -2,9 +2,9 @@
 
 Every image is one filled shape on a grey, lightly noisy background: colour x shape x position, captioned "a red
 circle at the top left". ``attributes_of`` reads the three attributes back from pixels alone: colour from the mean
-of the pixels far from the background, position from their centroid's quadrant, shape from the fill ratio of their
-bounding box (square ~1.0, circle ~0.79, triangle ~0.5). ``check_measures`` reports how often the measure reads the
-set's own images right: the ceiling any model's score is read against.
+of the pixels far from the background, position from their centroid's quadrant, shape from the template (square,
+circle, triangle drawn in their bounding box) that overlaps them best. ``check_measures`` reports how often the
+measure reads the set's own images right: the ceiling any model's score is read against.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (215, 35, 35), "green": (35, 185, 60), "blue": (40, 70, 225), "yellow": (230, 210, 40)}
-SHAPES = {"square": 1.0, "circle": float(np.pi / 4), "triangle": 0.5}  # expected fill ratio of the bounding box
+SHAPES = ("square", "circle", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUND = 128
 ATTRIBUTES = ("colour", "shape", "position")
@@ -36,25 +36,32 @@ def combinations(held_out: bool) -> list[tuple[str, str, str]]:
     return [c for c in every if (c in HELD_OUT) == held_out]
 
 
+def outline(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The boolean mask of ``shape`` filling ``box`` (x0, y0, x1, y1, inclusive) on a ``size`` x ``size`` grid: how
+    ``draw`` paints it, and the template ``attributes_of`` compares a sample's pixels with."""
+    image = Image.new("L", (size, size), 0)
+    pen = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        pen.rectangle(box, fill=255)
+    elif shape == "circle":
+        pen.ellipse(box, fill=255)
+    else:
+        pen.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=255)
+    return np.asarray(image) > 0
+
+
 def draw(colour: str, shape: str, position: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One image: the shape (a third to a half of the side) inside its quadrant, jittered."""
     pixels = rng.normal(BACKGROUND, 6, (size, size, 3)).clip(0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
     side = int(rng.integers(size // 3, size // 2 + 1))
     half = size // 2
     top, left = ("bottom" in position) * half, ("right" in position) * half
     x = left + int(rng.integers(0, max(1, half - side + 1)))
     y = top + int(rng.integers(0, max(1, half - side + 1)))
-    box = [x, y, x + side - 1, y + side - 1]
-    pen = ImageDraw.Draw(image)
-    fill = COLOURS[colour]
-    if shape == "square":
-        pen.rectangle(box, fill=fill)
-    elif shape == "circle":
-        pen.ellipse(box, fill=fill)
-    else:
-        pen.polygon([(x, y + side - 1), (x + side - 1, y + side - 1), (x + (side - 1) / 2, y)], fill=fill)
-    return image
+    mask = outline(shape, (x, y, x + side - 1, y + side - 1), size)
+    pixels[mask] = COLOURS[colour]
+    return Image.fromarray(pixels)
 
 
 def write_set(root: Path, count: int, size: int = 32, seed: int = 0) -> dict[str, int]:
@@ -84,10 +91,14 @@ def attributes_of(image: np.ndarray | Image.Image) -> dict[str, str | None]:
     ys, xs = np.nonzero(mask)
     size = pixels.shape[0]
     position = f"{'top' if ys.mean() < size / 2 else 'bottom'} {'left' if xs.mean() < size / 2 else 'right'}"
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box
-    shape = min(SHAPES, key=lambda s: abs(SHAPES[s] - fill))
+    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    shape = max(SHAPES, key=lambda s: _overlap(mask, outline(s, box, size)))
     return {"colour": colour, "shape": shape, "position": position}
+
+
+def _overlap(mask: np.ndarray, template: np.ndarray) -> float:
+    """Intersection over union of two boolean masks."""
+    return float((mask & template).sum() / max(1, (mask | template).sum()))
 
 
 def faithfulness(images: Iterable[np.ndarray | Image.Image], intended: tuple[str, str, str]) -> dict[str, float]:

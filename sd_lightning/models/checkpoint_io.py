@@ -18,6 +18,8 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import (
     AutoTokenizer,
+    BertConfig,
+    BertModel,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -28,8 +30,9 @@ from transformers import (
 from sd_lightning.diffusion.objectives import Objective, objective_from_record, objective_record
 from sd_lightning.models.adapters import adapter_from_record, adapter_key_prefixes, inject_adapters
 from sd_lightning.models.builders import DiffusionComponents
-from sd_lightning.models.conditioners import CONDITIONERS, TextConditioner
+from sd_lightning.models.conditioners import SD3Conditioner, SDXLConditioner, TextConditioner
 from sd_lightning.models.denoisers import denoiser_from_record
+from sd_lightning.models.sentence_conditioner import SentenceConditioner
 from sd_lightning.models.textual_inversion import TextualInversion, frozen_rows, rewrap
 
 RECORD_KEY = "sd_lightning"
@@ -40,7 +43,11 @@ SAMPLING_FILE = "sd_lightning.json"
 # The text encoder classes a checkpoint may name (with their config classes): nothing else is built from a file.
 TEXT_ENCODERS = {"CLIPTextModel": (CLIPTextModel, CLIPTextConfig),
                  "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig),
-                 "T5EncoderModel": (T5EncoderModel, T5Config)}
+                 "T5EncoderModel": (T5EncoderModel, T5Config),
+                 "BertModel": (BertModel, BertConfig)}
+# The conditioner kinds a checkpoint may name.
+CONDITIONERS: dict[str, type[TextConditioner]] = {
+    c.kind: c for c in (TextConditioner, SDXLConditioner, SD3Conditioner, SentenceConditioner)}
 
 
 class CheckpointError(ValueError):

@@ -340,5 +340,3 @@ class SD3Conditioner(TextConditioner):
         return {**super().options(), "joint_attention_dim": self.joint_attention_dim,
                 "t5_sequence_length": self.t5_sequence_length}
 
-
-CONDITIONERS: dict[str, type[TextConditioner]] = {c.kind: c for c in (TextConditioner, SDXLConditioner, SD3Conditioner)}

@@ -23,6 +23,7 @@ from diffusers import (
 
 from sd_lightning.models.conditioners import SD3Conditioner, SDXLConditioner, TextConditioner
 from sd_lightning.models.denoisers import Denoiser, SD3TransformerDenoiser, SDXLUNetDenoiser, UNetDenoiser
+from sd_lightning.models.sentence_conditioner import SentenceConditioner
 
 # The attribute of a pipeline built or loaded here holding what its ``__call__`` needs to condition as the model was
 # trained (SD 3: max_sequence_length); ``generate`` passes it.
@@ -61,6 +62,9 @@ class Family:
     part_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # VAE config values the pipeline reads that a VAE of ours may leave unset (SD 3 reads shift_factor; 0 = none).
     vae_defaults: dict[str, Any] = field(default_factory=dict)
+    # Other conditioners the pipeline runs as trained, by their text encoder's class (SD 1.x: a BERT sentence
+    # encoder, whose attention mask StableDiffusionPipeline passes when the encoder's config asks for it).
+    other_conditioners: dict[str, type[TextConditioner]] = field(default_factory=dict)
 
     @property
     def required_parts(self) -> list[str]:
@@ -77,7 +81,7 @@ class Family:
 
     def matches(self, components: Any) -> bool:
         return (type(components.denoiser) is self.denoiser_class
-                and type(components.conditioner) is self.conditioner_class)
+                and type(components.conditioner) in (self.conditioner_class, *self.other_conditioners.values()))
 
     def pipeline(self, components: Any, scheduler: Any) -> Any:
         """The plain diffusers pipeline over these components (sharing their modules)."""
@@ -93,7 +97,8 @@ class Family:
 
     def components(self, pipeline: Any, conditioner: dict[str, Any] | None = None) -> tuple[Any, Any, TextConditioner]:
         """(denoiser, VAE, conditioner) wrapping a loaded pipeline's modules."""
-        text = self.conditioner_class.from_pipeline(pipeline, **(conditioner or {}))
+        kind = self.other_conditioners.get(type(pipeline.text_encoder).__name__, self.conditioner_class)
+        text = kind.from_pipeline(pipeline, **(conditioner or {}))
         return self.denoiser_class(getattr(pipeline, self.denoiser_part)), pipeline.vae, text
 
     def load(self, root: Path, safetensors_only: bool = False) -> Any:
@@ -113,7 +118,8 @@ class Family:
 SD = Family(
     "sd", "SD 1.x / 2.x", StableDiffusionPipeline, UNetDenoiser, TextConditioner, "unet", _ddpm_scheduler,
     {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
-    {"unet": ("UNet2DConditionModel",), "text_encoder": ("CLIPTextModel",)},
+    {"unet": ("UNet2DConditionModel",), "text_encoder": ("CLIPTextModel", "BertModel")},
+    other_conditioners={"BertModel": SentenceConditioner},
 )
 SDXL = Family(
     "sdxl", "SDXL", StableDiffusionXLPipeline, SDXLUNetDenoiser, SDXLConditioner, "unet", _ddpm_scheduler,

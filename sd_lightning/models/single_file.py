@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sd_lightning.models.conditioners import is_clip
+
 SINGLE_FILE = "model.safetensors"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -155,6 +157,10 @@ def single_file_state_dict(pipeline: Any) -> dict[str, torch.Tensor]:
     if layout is None:
         raise SingleFileError(f"format=single_file writes SD 1.x and SDXL models; this is a "
                               f"{type(pipeline).__name__} (use format=pipeline)")
+    for name in layout:
+        if not is_clip(getattr(pipeline, name)):
+            raise SingleFileError(f"the original layout holds CLIP text encoders (what A1111 and ComfyUI load); this "
+                                  f"model's {name} is a {type(getattr(pipeline, name)).__name__} (use format=pipeline)")
     parts = {"unet": pipeline.unet.state_dict(), "vae": pipeline.vae.state_dict(),
              **{name: getattr(pipeline, name).state_dict() for name in layout}}
     out = {**unet_to_original(parts["unet"], pipeline.unet.config),

@@ -116,6 +116,10 @@ def test_your_own_images_inspect_clean_train_both_stages_sample_export(tmp_path,
     _cli(monkeypatch, "sdl-export", f"ckpt_path={ckpt}", "out_dir=export")
     pipe = StableDiffusionPipeline.from_pretrained(work / "export", local_files_only=True)
     assert pipe.vae.config.block_out_channels == json.loads((vae / "config.json").read_text())["block_out_channels"]
-    _cli(monkeypatch, "sdl-export", f"ckpt_path={ckpt}", "out_dir=export_file", "format=single_file")
-    assert (work / "export_file" / "model.safetensors").is_file()
+    assert type(pipe.text_encoder).__name__ == "BertModel"  # the recipe's all-MiniLM-L6-v2
+    # The single file holds CLIP text encoders only (what A1111/ComfyUI load): refused by name, nothing written.
+    with pytest.raises(SystemExit):
+        _cli(monkeypatch, "sdl-export", f"ckpt_path={ckpt}", "out_dir=export_file", "format=single_file")
+    assert "model's text_encoder is a BertModel (use format=pipeline)" in capsys.readouterr().err
+    assert not (work / "export_file" / "model.safetensors").exists()
     assert _digest(root) == before  # the user's folder is never written

@@ -67,6 +67,11 @@ def test_every_option_of_every_group_composes(tmp_path):
             overrides = [f"{group}={option}", *extra.get((group, option), [])]
             cfg = compose_train(tmp_path / f"{group}-{option}", overrides)
             assert cfg.name, (group, option)
+    conditioners = options("model/components/conditioner")
+    assert {"clip_tiny", "minilm"} <= set(conditioners)
+    for option in conditioners:
+        cfg = compose_train(tmp_path / f"conditioner-{option}", [f"model/components/conditioner={option}"])
+        assert cfg.model.components.conditioner._target_.rsplit(".", 1)[1].startswith("build_")
     launchers = sorted(p.stem for p in (Path(CONFIG_DIR) / "hydra" / "launcher").glob("*.yaml"))
     for launcher in launchers:
         compose_train(tmp_path / launcher, [f"hydra/launcher={launcher}"])
