@@ -61,6 +61,8 @@ PLAIN_MODES = frozenset({"RGB", "L"})
 # Folders smaller than this are scanned in-process (a pool's start-up would cost more than it saves).
 PARALLEL_MIN_FILES = 64
 PARALLEL_CHUNK = 64
+# Near-duplicate search: this many pairwise distances at once (32 MiB of uint64), whatever the folder's size.
+NEAR_DUPLICATE_CELLS = 1 << 22
 
 
 @contextmanager
@@ -105,16 +107,23 @@ def _metadata_rows(root: Path) -> tuple[Path | None, dict[str, Any]]:
 
 
 def _walk(root: Path) -> tuple[list[str], list[str]]:
-    """Relative posix paths of regular files and of symlinks (files or folders) under ``root``, sorted."""
+    """Relative posix paths of regular files and of symlinks (files or folders) under ``root``, sorted; symlinked
+    folders are not entered (``os.walk(followlinks=False)``'s rule; ``scandir`` entries answer without a stat each)."""
     files, links = [], []
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        base = Path(folder)
-        for name in dirs + names:
-            path = base / name
-            relative = path.relative_to(root).as_posix()
-            if path.is_symlink():
+    pending = [(str(root), "")]
+    while pending:
+        folder, prefix = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # unreadable folder: skipped, as os.walk does
+            continue
+        for entry in entries:
+            relative = prefix + entry.name
+            if entry.is_symlink():
                 links.append(relative)
-            elif name in names and path.is_file():
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append((entry.path, relative + "/"))
+            elif entry.is_file(follow_symlinks=False):
                 files.append(relative)
     return sorted(files), sorted(links)
 
@@ -134,11 +143,16 @@ def _near_duplicates(records: Sequence[FileRecord], distance: int) -> list[tuple
         return []
     hashes = np.array([int(r.phash, 16) for r in records], dtype=np.uint64)
     found = []
-    for j in range(1, len(records)):
-        distances = np.bitwise_count(hashes[:j] ^ hashes[j])
-        close = np.flatnonzero(distances <= distance)
-        if close.size:
-            found.append((records[j], records[int(close[0])], int(distances[close[0]])))
+    # Blocks of rows against every earlier column: the pairwise distances of a block in one array operation.
+    block = max(1, NEAR_DUPLICATE_CELLS // len(records))
+    for start in range(1, len(records), block):
+        rows = np.arange(start, min(start + block, len(records)))
+        distances = np.bitwise_count(hashes[rows, None] ^ hashes[None, : rows[-1]])
+        close = (distances <= distance) & (np.arange(rows[-1]) < rows[:, None])  # earlier images only
+        firsts = close.argmax(axis=1)
+        for row in np.flatnonzero(close[np.arange(len(rows)), firsts]):
+            first = int(firsts[row])
+            found.append((records[int(rows[row])], records[first], int(distances[row, first])))
     return found
 
 
@@ -253,6 +267,8 @@ def _inspect_all(scan: Sequence[tuple[str, Path, bool]], settings: InspectSettin
     if workers == 1 or len(scan) < PARALLEL_MIN_FILES:
         yield from (_inspect_entry(entry, settings) for entry in scan)
         return
+    import scipy.fftpack  # noqa: F401  (imagehash.phash imports it on first use: once here, not in every worker)
+
     with ProcessPoolExecutor(max_workers=min(workers, len(scan))) as pool:
         yield from pool.map(partial(_inspect_entry, settings=settings), scan, chunksize=PARALLEL_CHUNK)
 

@@ -333,3 +333,24 @@ def test_a_process_pool_writes_the_same_report_as_one_process(tmp_path, tokenize
     serial.pop("created"), parallel.pop("created")
     assert parallel == serial
     assert serial["problem_counts"]["no_metadata_row"]["count"] >= inspection.PARALLEL_MIN_FILES  # decoded too
+
+
+@pytest.mark.parametrize("cells", [1 << 22, 7])  # one block; blocks of one row, crossing block edges
+def test_near_duplicates_are_each_images_first_close_earlier_image(monkeypatch, cells):
+    """The block-wise search finds what comparing each image with every earlier one finds."""
+    from sd_lightning.data import inspection
+    from sd_lightning.data.report import FileRecord
+
+    monkeypatch.setattr(inspection, "NEAR_DUPLICATE_CELLS", cells)
+    rng = np.random.default_rng(0)
+    bases = rng.integers(0, 2**63, 40, dtype=np.uint64)
+    hashes = [int(bases[i % 40]) ^ (1 << int(rng.integers(0, 64))) * int(rng.integers(0, 2)) for i in range(300)]
+    records = [FileRecord(id=f"{i:04d}", in_training=True, bytes=1, sha256=str(i), phash=f"{h:016x}")
+               for i, h in enumerate(hashes)]
+    expected = []
+    for j in range(1, len(hashes)):
+        close = [(i, bin(hashes[i] ^ hashes[j]).count("1")) for i in range(j) if bin(hashes[i] ^ hashes[j]).count("1") <= 4]
+        if close:
+            expected.append((j, *close[0]))
+    found = [(int(a.id), int(b.id), d) for a, b, d in inspection._near_duplicates(records, 4)]
+    assert found == expected and len(found) > 200  # every repeat of a base is found, against its first copy
