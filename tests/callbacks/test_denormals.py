@@ -1,0 +1,42 @@
+"""Denormal floats are flushed to zero in every training process, and only while it trains."""
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from sd_lightning.callbacks.denormals import FlushDenormalsCallback
+
+from conftest import compose_train
+
+
+def _kept() -> bool:
+    return torch.tensor([1e-40]).mul(1.0).item() != 0.0
+
+
+class Probe(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.seen.append(_kept())
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_training_steps_flush_denormals_and_the_process_gets_them_back(tmp_path, flush):
+    cfg = compose_train(tmp_path / "run", ["model.components.denoiser.block_out_channels=[16,32]",
+                                           "data.source.limit=32", "data.batch_size=8"])
+    probe = Probe()
+    callbacks = [FlushDenormalsCallback(), probe] if flush else [probe]  # negative control: no callback
+    trainer = L.Trainer(max_steps=2, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
+    assert _kept()
+    trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
+    assert probe.seen == [not flush] * 2
+    assert _kept()  # restored at teardown
+
+
+def test_both_training_configs_flush_denormals(tmp_path):
+    for overrides in ([], ["experiment=digits_autoencoder"]):
+        callbacks = compose_train(tmp_path / "run", overrides).callbacks
+        assert callbacks.flush_denormals._target_.endswith("FlushDenormalsCallback")
