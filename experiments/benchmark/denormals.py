@@ -14,7 +14,6 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 STEP_LOOP = """
 import json, sys, time
