@@ -239,9 +239,12 @@ def worker_main(config: dict[str, Any]) -> None:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # library prints must not mix into the protocol
     channel = Channel(out) if rank == 0 else None
-    if config.get("threads") and "LOCAL_RANK" not in os.environ:
-        import torch
+    import torch
 
+    # sdl-train flushes denormals while training (callbacks.flush_denormals): every worker does, so that the plain
+    # floor and the loops compared with it do the same arithmetic.
+    torch.set_flush_denormal(True)
+    if config.get("threads") and "LOCAL_RANK" not in os.environ:
         torch.set_num_threads(int(config["threads"]))
     with tempfile.TemporaryDirectory(prefix="sdl-bench-") as scratch:
         kind = config["kind"]
