@@ -1,7 +1,8 @@
 """Denormal floats flushed to zero while training on a CPU.
 
-As a model trains, some values in its step (optimizer moments, small activations and gradients) fall below
-float32's normal range (~1.2e-38); x86 CPUs compute on such denormals far more slowly. Measured on the digits step
+Once training moves a model's weights, some intermediate values of its step fall below float32's normal range
+(~1.2e-38; none are at initialization, nor in a checkpoint's weights); x86 CPUs compute on such denormals far more
+slowly. Measured on the digits step
 (2 cores, interleaved runs): 94 ms → 78 ms per step. It also made the step slow down during a run (the first
 steps, before training moves the weights, ran fastest), so a few timed steps under-predicted the run by ~20 %
 (``estimate=true``). Values that small carry nothing a diffusion loss can use.
