@@ -65,6 +65,7 @@ def reset_environment() -> None:
 @pytest.fixture(autouse=True)
 def session_environment():
     reset_environment()
+    torch.set_flush_denormal(False)  # process state a training run sets (callbacks.flush_denormals), per test
     yield
     reset_environment()
 

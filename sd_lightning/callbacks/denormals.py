@@ -26,6 +26,12 @@ class FlushDenormalsCallback(L.Callback):
             torch.set_flush_denormal(True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()  # a failed or interrupted fit skips teardown: the process gets its setting back here
+
+    def _restore(self) -> None:
         if self._kept is not None:
             torch.set_flush_denormal(not self._kept)
             self._kept = None

@@ -36,6 +36,22 @@ def test_training_steps_flush_denormals_and_the_process_gets_them_back(tmp_path,
     assert _kept()  # restored at teardown
 
 
+class Failing(L.Callback):
+    def on_train_batch_start(self, *args) -> None:
+        raise RuntimeError("a step failed")
+
+
+def test_a_failed_fit_gives_the_process_its_setting_back(tmp_path):
+    cfg = compose_train(tmp_path / "run", ["model.components.denoiser.block_out_channels=[16,32]",
+                                           "data.source.limit=32", "data.batch_size=8"])
+    trainer = L.Trainer(max_steps=2, callbacks=[FlushDenormalsCallback(), Failing()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
+    assert _kept()
+
+
 def test_both_training_configs_flush_denormals(tmp_path):
     for overrides in ([], ["experiment=digits_autoencoder"]):
         callbacks = compose_train(tmp_path / "run", overrides).callbacks
