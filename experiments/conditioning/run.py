@@ -136,7 +136,8 @@ def main() -> None:
     checkpoints = sorted((work / "outputs" / name / "steps").glob("step*.ckpt")) if args.judge_every else []
     ceiling = vae_ceiling(vae_dir, args.resolution)
     # last.ckpt is measured unless a kept checkpoint is of its step already (the run's final step).
-    for ckpt in [*checkpoints, *([] if checkpoints and args.judge_every and _is_final(checkpoints[-1], final) else [final])]:
+    measured = checkpoints if checkpoints and _is_final(checkpoints[-1], final) else [*checkpoints, final]
+    for ckpt in measured:
         step = int(ckpt.stem[4:]) if ckpt.stem.startswith("step") else None
         for guidance in args.guidance:
             record = {"name": args.name, "vae_overrides": args.vae, "diffusion_overrides": args.diffusion,
