@@ -108,6 +108,9 @@ def build_rows(mode: Mode) -> list[Row]:
                                     spec("lightning", batch, unet=f"compile:{mode.compile_backend}"))], k, r),
         Row("grad_checkpointing", "gradient checkpointing: peak memory saved vs time lost",
             [("off", lightning), ("on", spec("lightning", batch, "model.components.gradient_checkpointing=true"))], k, r),
+        Row("tiny_fast", "model=tiny_fast (the digits recipe's UNet: no mid block, the prompt added to the time "
+                         "embedding) vs model=tiny",
+            [("model=tiny", lightning), ("model=tiny_fast", spec("lightning", batch, "model=tiny_fast"))], k, r),
         Row("attention", "SDPA vs classic attention processor (model.attention)",
             [("sdpa", lightning), ("classic", spec("lightning", batch, "model.components.attention=classic"))], k, r),
         Row("dataloader_workers", "data.num_workers 0 / 1 / 2",

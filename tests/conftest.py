@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from sd_lightning.callbacks.denormals import set_flush_denormal
 from sd_lightning.cli.config import CONFIG_DIR
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -65,18 +67,27 @@ def reset_environment() -> None:
 @pytest.fixture(autouse=True)
 def session_environment():
     reset_environment()
-    torch.set_flush_denormal(False)  # process state a training run sets (callbacks.flush_denormals), per test
+    set_flush_denormal(False)  # process state a training run sets (callbacks.flush_denormals), per test
     yield
     reset_environment()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for a block, then as they were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
 def one_thread():
     """Tiny steps: one thread avoids oversubscribing a shared 2-core machine (measured 30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """How right is ``estimate=true``? Estimate, then really train, the same configs; report estimate ÷ actual.
 
-Usage: .venv/bin/python experiments/benchmark/estimate_vs_actual.py [--out experiments/benchmark/estimate.json]
+Usage: .venv/bin/python experiments/benchmark/estimate_vs_actual.py [--repeats 2] [--out experiments/benchmark/estimate.json]
 The VAE both configs encode with is trained first (untimed). "actual" is the real run's ``trainer.fit`` wall time
 (``time/fit_seconds`` in its metrics.csv), which the estimate's ``total_seconds`` predicts; both run alone, one
 after the other, in fresh processes.
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,14 +95,21 @@ def benchmark_row(quick: bool) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("estimate.json"))
+    parser.add_argument("--repeats", type=int, default=1, help="(estimate, run) pairs per config: the machine drifts")
     args = parser.parse_args()
-    rows = run_configs(CONFIGS, [])
+    rows = []
+    for repeat in range(args.repeats):  # every config once per repeat, so a slow hour hits each config alike
+        rows += [{**row, "repeat": repeat} for row in run_configs(CONFIGS, [])]
     args.out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(),
                                                 "python": platform.python_version()}, "rows": rows}, indent=2) + "\n")
     print(f"{'config':48s} {'estimate':>9s} {'actual':>9s} {'ratio':>6s}")
     for row in rows:
         print(f"{row['config']:48s} {row['estimate_seconds']:8.1f}s {row['actual_fit_seconds']:8.1f}s "
               f"{row['estimate_over_actual']:6.3f}")
+    for name in CONFIGS:
+        ratios = [row["estimate_over_actual"] for row in rows if row["config"] == name]
+        print(f"{name}: estimate ÷ actual median {statistics.median(ratios):.3f} [{min(ratios):.3f}–{max(ratios):.3f}] "
+              f"over {len(ratios)} pairs")
 
 
 if __name__ == "__main__":

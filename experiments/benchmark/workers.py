@@ -241,9 +241,11 @@ def worker_main(config: dict[str, Any]) -> None:
     channel = Channel(out) if rank == 0 else None
     import torch
 
-    # sdl-train flushes denormals while training (callbacks.flush_denormals): every worker does, so that the plain
-    # floor and the loops compared with it do the same arithmetic.
-    torch.set_flush_denormal(True)
+    from sd_lightning.callbacks.denormals import set_flush_denormal
+
+    # sdl-train flushes denormals while training (callbacks.flush_denormals), in every torch thread: every worker
+    # does, so that the plain floor and the loops compared with it do the same arithmetic.
+    set_flush_denormal(True)
     if config.get("threads") and "LOCAL_RANK" not in os.environ:
         torch.set_num_threads(int(config["threads"]))
     with tempfile.TemporaryDirectory(prefix="sdl-bench-") as scratch:

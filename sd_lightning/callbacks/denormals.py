@@ -2,28 +2,64 @@
 
 Once training moves a model's weights, some intermediate values of its step fall below float32's normal range
 (~1.2e-38; none are at initialization, nor in a checkpoint's weights); x86 CPUs compute on such denormals far more
-slowly. Measured on the digits step
-(2 cores, interleaved runs): 94 ms → 78 ms per step. It also made the step slow down during a run (the first
-steps, before training moves the weights, ran fastest), so a few timed steps under-predicted the run by ~20 %
-(``estimate=true``). Values that small carry nothing a diffusion loss can use.
+slowly. Measured on the digits step (2 cores, interleaved runs): 94 ms → 78 ms per step, flushing in every thread.
+Values that small carry nothing a diffusion loss can use.
+
+``torch.set_flush_denormal`` sets the calling thread's floating-point control only. torch's intra-op threads (an
+OpenMP team, created at the first parallel op) keep theirs: with 2 threads, half of an op's outputs stayed denormal
+when a run flushed after its data and model were built. New threads inherit the setting, so only a process that
+flushes before its first parallel op is covered by the call alone; ``set_flush_denormal`` here also runs it on each
+thread of the team, through the OpenMP runtime torch loaded.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+
 import lightning as L
 import torch
 
+_TEAM_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+@functools.cache
+def _openmp() -> ctypes.CDLL | None:
+    """The GNU OpenMP runtime torch already loaded (Linux wheels), or None (another runtime, or none)."""
+    try:
+        runtime = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)  # never loads a second copy
+    except (AttributeError, OSError):  # no RTLD_NOLOAD on this OS, or not loaded
+        return None
+    return runtime if hasattr(runtime, "GOMP_parallel") else None
+
+
+def set_flush_denormal(on: bool) -> None:
+    """Flush denormals to zero (or keep them) on the calling thread and on every thread of torch's OpenMP team."""
+    torch.set_flush_denormal(on)
+    runtime, threads = _openmp(), torch.get_num_threads()
+    if runtime is not None and threads > 1:
+        team_function = _TEAM_FUNCTION(lambda _: torch.set_flush_denormal(on))
+        runtime.GOMP_parallel(team_function, None, ctypes.c_uint(threads), ctypes.c_uint(0))
+
+
+def denormals_kept(size: int = 1 << 20) -> bool:
+    """Whether an op spread over torch's threads keeps any denormal (a one-element op runs on the calling thread).
+    The denormal is written as bits: a flushing thread would turn the literal 1e-40 into zero before the test."""
+    denormals = torch.full((size,), 71362, dtype=torch.int32).view(torch.float32)  # 1.0e-40
+    return bool(denormals.mul(1.0).ne(0).any())
+
 
 class FlushDenormalsCallback(L.Callback):
-    """``torch.set_flush_denormal(True)`` in every training process from setup to teardown, then as it was."""
+    """``set_flush_denormal(True)`` in every training process from setup to teardown, then as it was."""
 
     def __init__(self) -> None:
         self._kept: bool | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._kept is None:
-            self._kept = bool(torch.tensor([1e-40]).mul(1.0).item())  # nonzero: denormals are kept
-            torch.set_flush_denormal(True)
+            self._kept = denormals_kept()
+            set_flush_denormal(True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
@@ -33,5 +69,5 @@ class FlushDenormalsCallback(L.Callback):
 
     def _restore(self) -> None:
         if self._kept is not None:
-            torch.set_flush_denormal(not self._kept)
+            set_flush_denormal(not self._kept)
             self._kept = None

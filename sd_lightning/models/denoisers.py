@@ -115,15 +115,26 @@ def build_unet(
     attention_head_dim: int | Sequence[int] = 8,
     norm_num_groups: int = 8,
     dropout: float = 0.0,
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+    text_embedding: bool = False,
     **unet_options: Any,
 ) -> UNetDenoiser:
-    """A random-init UNet2DConditionModel; the first three sizes come from the VAE and conditioner."""
+    """A random-init UNet2DConditionModel; the first three sizes come from the VAE and conditioner.
+
+    ``text_embedding``: the prompt also reaches every residual block, through diffusers' attention-pooled text
+    embedding added to the time embedding (``addition_embed_type="text"``, as many heads as the attention) — a
+    cheap global path that keeps conditioning strong without the mid block's cross-attention.
+    """
     if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
         raise ValueError(
             "model.components.denoiser: down_block_types, up_block_types and block_out_channels must have the same "
             f"length, got {len(down_block_types)}, {len(up_block_types)}, {len(block_out_channels)}"
         )
+    heads = attention_head_dim if isinstance(attention_head_dim, int) else attention_head_dim[0]
+    if text_embedding:
+        unet_options = {"addition_embed_type": "text", "addition_embed_type_num_heads": heads, **unet_options}
     return UNetDenoiser(UNet2DConditionModel(
+        mid_block_type=mid_block_type,
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
@@ -153,13 +164,18 @@ def build_sdxl_unet(
     addition_time_embed_dim: int = 8,
     norm_num_groups: int = 8,
     dropout: float = 0.0,
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+    text_embedding: bool = False,
 ) -> SDXLUNetDenoiser:
     """A random-init SDXL-shaped UNet: the pooled embedding and the six micro-conditioning ids (each embedded
     in ``addition_time_embed_dim`` sinusoids) are added to the timestep embedding, as in SDXL."""
     if pooled_dim is None:
         raise ValueError("the SDXL UNet needs a pooled text embedding; this conditioner produces none")
+    if text_embedding:
+        raise ValueError("model.components.denoiser.text_embedding=true is for SD 1.x-style UNets: the SDXL UNet adds "
+                         "its pooled text embedding already (addition_embed_type=text_time)")
     unet = build_unet(in_channels, sample_size, cross_attention_dim, pooled_dim, block_out_channels, down_block_types,
-                      up_block_types, layers_per_block, attention_head_dim, norm_num_groups, dropout,
+                      up_block_types, layers_per_block, attention_head_dim, norm_num_groups, dropout, mid_block_type,
                       addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
                       projection_class_embeddings_input_dim=6 * addition_time_embed_dim + pooled_dim,
                       transformer_layers_per_block=transformer_layers_per_block if isinstance(

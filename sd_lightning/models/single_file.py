@@ -49,6 +49,10 @@ def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, t
     if not isinstance(per, int):
         raise SingleFileError(f"the UNet has layers_per_block={per}; the original layout numbers blocks with one "
                               "count for every level")
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
+        raise SingleFileError("the UNet has no mid block (mid_block_type=null); the original layout has one "
+                              "(middle_block): train with model.components.denoiser.mid_block_type="
+                              "UNetMidBlock2DCrossAttn for a single file, or use format=pipeline")
     step = per + 1
     attended_up = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
     out = {}

@@ -1,17 +1,37 @@
-"""Denormal floats are flushed to zero in every training process, and only while it trains."""
+"""Denormal floats are flushed to zero in every training process and every torch thread, and only while it trains."""
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from sd_lightning.callbacks.denormals import FlushDenormalsCallback
+from sd_lightning.callbacks.denormals import FlushDenormalsCallback, denormals_kept, set_flush_denormal
 
-from conftest import compose_train
+from conftest import compose_train, torch_threads
 
 
 def _kept() -> bool:
-    return torch.tensor([1e-40]).mul(1.0).item() != 0.0
+    return denormals_kept()
+
+
+@pytest.fixture
+def two_threads():
+    with torch_threads(2):
+        yield
+
+
+def test_every_torch_thread_flushes_not_only_the_calling_one(two_threads):
+    """torch.set_flush_denormal alone leaves the intra-op threads (made by the op below) computing denormals."""
+    assert _kept()
+    torch.set_flush_denormal(True)
+    try:
+        assert _kept()  # the negative control: the other thread's share of the op still holds denormals
+        set_flush_denormal(True)
+        assert not _kept()
+        set_flush_denormal(False)
+        assert _kept()
+    finally:
+        set_flush_denormal(False)
 
 
 class Probe(L.Callback):
@@ -23,7 +43,7 @@ class Probe(L.Callback):
 
 
 @pytest.mark.parametrize("flush", [True, False])
-def test_training_steps_flush_denormals_and_the_process_gets_them_back(tmp_path, flush):
+def test_training_steps_flush_denormals_and_the_process_gets_them_back(tmp_path, flush, two_threads):
     cfg = compose_train(tmp_path / "run", ["model.components.denoiser.block_out_channels=[16,32]",
                                            "data.source.limit=32", "data.batch_size=8"])
     probe = Probe()

@@ -67,6 +67,34 @@ def test_a_flow_matching_unet_samples_with_the_flow_scheduler():
     assert np.asarray(images).shape == (2, 32, 32, 3)
 
 
+def test_the_text_embedding_carries_the_prompt_without_cross_attention_or_mid_block():
+    """model=tiny_fast's UNet: no mid block, and the prompt reaches the residual blocks through the pooled text
+    embedding. With every cross-attention's output zeroed, the prompt still changes the prediction; without the
+    text embedding (the negative control) it no longer does."""
+    latents, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
+    changes = {}
+    for text_embedding in (True, False):
+        parts = _components(partial(build_unet, block_out_channels=[16, 32], attention_head_dim=2,
+                                    mid_block_type=None, text_embedding=text_embedding))
+        unet = parts.denoiser.model
+        assert unet.mid_block is None
+        assert (unet.config.addition_embed_type == "text") is text_embedding
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn2.to_out.0"):
+                    module.weight.zero_(), module.bias.zero_()
+            outputs = [parts.denoiser(latents, timesteps, parts.conditioner([prompt] * 2)) for prompt in PROMPTS]
+        changes[text_embedding] = (outputs[0] - outputs[1]).abs().max().item()
+    assert changes[True] > 1e-3 and changes[False] == 0.0
+
+
+def test_the_sdxl_unet_refuses_the_text_embedding():
+    from sd_lightning.models.denoisers import build_sdxl_unet
+
+    with pytest.raises(ValueError, match="text_embedding=true is for SD 1.x-style UNets"):
+        build_sdxl_unet(text_embedding=True)
+
+
 @pytest.mark.slow
 def test_a_tiny_transformer_trains_20_steps_with_flow_matching_and_samples(tmp_path, digits_vae_dir):
     from sd_lightning.cli.sample import sample

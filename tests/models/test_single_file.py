@@ -113,6 +113,16 @@ def test_models_outside_the_layout_are_refused_before_anything_is_written(folder
     with pytest.raises(ConfigError, match=r"format=single_file: .*layers_per_block=\[1, 2\].*Nothing was written"):
         _export(tmp_path / "uneven", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    pipe.unet = UNet2DConditionModel.from_config({**unet.config, "mid_block_type": None})
+    pipe.save_pretrained(tmp_path / "midless", safe_serialization=True)
+    with pytest.raises(ConfigError, match=r"format=single_file: .*no mid block.*Nothing was written"):
+        _export(tmp_path / "midless", tmp_path / "out")
+    pipe.unet = UNet2DConditionModel.from_config({**unet.config, "addition_embed_type": "text",
+                                                  "addition_embed_type_num_heads": 1})
+    pipe.save_pretrained(tmp_path / "text_embedding", safe_serialization=True)
+    with pytest.raises(ConfigError, match=r"format=single_file: .*add_embedding.*no place in the original layout"):
+        _export(tmp_path / "text_embedding", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     with pytest.raises(ConfigError, match="format='ckpt': choose one of pipeline, single_file"):
         _export(folders["sd"], tmp_path / "out", format="ckpt")
 
