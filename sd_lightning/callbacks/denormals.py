@@ -16,31 +16,52 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 
 import lightning as L
 import torch
 
+log = logging.getLogger(__name__)
 _TEAM_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _loaded_gomp_paths() -> list[str]:
+    """Files of GNU OpenMP runtimes mapped into this process (a wheel may carry one renamed, e.g. libgomp-<hash>)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return []
 
 
 @functools.cache
 def _openmp() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime torch already loaded (Linux wheels), or None (another runtime, or none)."""
-    try:
-        runtime = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)  # never loads a second copy
-    except (AttributeError, OSError):  # no RTLD_NOLOAD on this OS, or not loaded
+    """The GNU OpenMP runtime torch already loaded (Linux), or None (another runtime, or none)."""
+    no_load = getattr(os, "RTLD_NOLOAD", None)
+    if no_load is None:
         return None
-    return runtime if hasattr(runtime, "GOMP_parallel") else None
+    for name in ("libgomp.so.1", *_loaded_gomp_paths()):
+        try:
+            runtime = ctypes.CDLL(name, mode=no_load)  # only one already loaded: never a second copy
+        except OSError:
+            continue
+        if hasattr(runtime, "GOMP_parallel"):
+            return runtime
+    return None
 
 
 def set_flush_denormal(on: bool) -> None:
     """Flush denormals to zero (or keep them) on the calling thread and on every thread of torch's OpenMP team."""
     torch.set_flush_denormal(on)
     runtime, threads = _openmp(), torch.get_num_threads()
-    if runtime is not None and threads > 1:
-        team_function = _TEAM_FUNCTION(lambda _: torch.set_flush_denormal(on))
-        runtime.GOMP_parallel(team_function, None, ctypes.c_uint(threads), ctypes.c_uint(0))
+    if threads <= 1:
+        return
+    if runtime is None:
+        log.info("denormals: no GNU OpenMP runtime found, so only the calling thread of %d changes", threads)
+        return
+    team_function = _TEAM_FUNCTION(lambda _: torch.set_flush_denormal(on))
+    runtime.GOMP_parallel(team_function, None, ctypes.c_uint(threads), ctypes.c_uint(0))
 
 
 def denormals_kept(size: int = 1 << 20) -> bool:

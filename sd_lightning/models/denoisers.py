@@ -130,8 +130,8 @@ def build_unet(
             "model.components.denoiser: down_block_types, up_block_types and block_out_channels must have the same "
             f"length, got {len(down_block_types)}, {len(up_block_types)}, {len(block_out_channels)}"
         )
-    heads = attention_head_dim if isinstance(attention_head_dim, int) else attention_head_dim[0]
     if text_embedding:
+        heads = attention_head_dim if isinstance(attention_head_dim, int) else attention_head_dim[0]
         unet_options = {"addition_embed_type": "text", "addition_embed_type_num_heads": heads, **unet_options}
     return UNetDenoiser(UNet2DConditionModel(
         mid_block_type=mid_block_type,

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from hydra.utils import instantiate
 
 from sd_lightning.cli.train import train
@@ -45,11 +46,14 @@ def test_both_backbones_take_one_call():
     assert torch.equal(unet.denoiser(latents, torch.tensor([10, 900]), conditioning), direct)
 
 
-def test_latent_sampler_reproduces_the_diffusers_pipeline():
-    """The generic CFG loop, on a model StableDiffusionPipeline also runs, gives the pipeline's images."""
-    parts = _components(partial(build_unet, block_out_channels=[16, 32]))
+@pytest.mark.parametrize("unet", [{}, {"mid_block_type": None, "text_embedding": True}], ids=["tiny", "tiny_fast"])
+def test_latent_sampler_reproduces_the_diffusers_pipeline(unet, tmp_path):
+    """The generic CFG loop, on a model StableDiffusionPipeline also runs, gives the pipeline's images — also for
+    model=tiny_fast's UNet, saved and read back by plain diffusers."""
+    parts = _components(partial(build_unet, block_out_channels=[16, 32], attention_head_dim=2, **unet))
     scheduler = VPredictionObjective().sampling_scheduler("ddim")
-    pipeline = diffusers_pipeline(parts, scheduler)
+    diffusers_pipeline(parts, scheduler).save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
     ours = generate(LatentSampler(parts, VPredictionObjective().sampling_scheduler("ddim")), PROMPTS * 2, seed=3,
                     steps=5, guidance_scale=2.0, output_type="np")
     theirs = generate(pipeline, PROMPTS * 2, seed=3, steps=5, guidance_scale=2.0, output_type="np")
