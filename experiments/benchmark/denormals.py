@@ -3,7 +3,7 @@
 Usage: .venv/bin/python experiments/benchmark/denormals.py [--rounds 2] [--steps 400]
 Each measurement is a fresh process training the default digits model (``experiment=digits``, a random VAE: the same
 compute) for --steps steps in a plain loop (``diffusion_loss``, backward, the configured AdamW; no Lightning, no
-callbacks), with ``torch.set_flush_denormal`` off or on; the two settings alternate --rounds times. Prints the mean
+callbacks), with denormals flushed (``set_flush_denormal``, every thread) or kept; the two settings alternate --rounds times. Prints the mean
 ms per step of each run and the ratio of the medians.
 """
 
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from sd_lightning.callbacks.denormals import set_flush_denormal
 from sd_lightning.cli.config import CONFIG_DIR
 
 flush, steps = sys.argv[1] == "flush", int(sys.argv[2])
-torch.set_flush_denormal(flush)
+set_flush_denormal(flush)  # every torch thread, as sdl-train's callback does
 with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
     cfg = compose("train", overrides=["experiment=digits", "model.components.vae_path=null", "data.cache=null",
                                       "paths.run_dir=/tmp/sdl-denormals", "paths.output_root=/tmp"])

@@ -10,10 +10,6 @@ from sd_lightning.callbacks.denormals import FlushDenormalsCallback, denormals_k
 from conftest import compose_train, torch_threads
 
 
-def _kept() -> bool:
-    return denormals_kept()
-
-
 @pytest.fixture
 def two_threads():
     with torch_threads(2):
@@ -22,14 +18,14 @@ def two_threads():
 
 def test_every_torch_thread_flushes_not_only_the_calling_one(two_threads):
     """torch.set_flush_denormal alone leaves the intra-op threads (made by the op below) computing denormals."""
-    assert _kept()
+    assert denormals_kept()
     torch.set_flush_denormal(True)
     try:
-        assert _kept()  # the negative control: the other thread's share of the op still holds denormals
+        assert denormals_kept()  # the negative control: the other thread's share of the op still holds denormals
         set_flush_denormal(True)
-        assert not _kept()
+        assert not denormals_kept()
         set_flush_denormal(False)
-        assert _kept()
+        assert denormals_kept()
     finally:
         set_flush_denormal(False)
 
@@ -39,7 +35,7 @@ class Probe(L.Callback):
         self.seen: list[bool] = []
 
     def on_train_batch_start(self, *args) -> None:
-        self.seen.append(_kept())
+        self.seen.append(denormals_kept())
 
 
 @pytest.mark.parametrize("flush", [True, False])
@@ -50,10 +46,10 @@ def test_training_steps_flush_denormals_and_the_process_gets_them_back(tmp_path,
     callbacks = [FlushDenormalsCallback(), probe] if flush else [probe]  # negative control: no callback
     trainer = L.Trainer(max_steps=2, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)
-    assert _kept()
+    assert denormals_kept()
     trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
     assert probe.seen == [not flush] * 2
-    assert _kept()  # restored at teardown
+    assert denormals_kept()  # restored at teardown
 
 
 class Failing(L.Callback):
@@ -69,7 +65,7 @@ def test_a_failed_fit_gives_the_process_its_setting_back(tmp_path):
                         num_sanity_val_steps=0)
     with pytest.raises(RuntimeError, match="a step failed"):
         trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
-    assert _kept()
+    assert denormals_kept()
 
 
 def test_both_training_configs_flush_denormals(tmp_path):
